@@ -1,0 +1,381 @@
+"""PyTorch LLaVA-1.5 / Dynamic-LLaVA / llava-hf checkpoints -> our converted directory.
+
+The conversion is a declarative name map (canonical PyTorch name -> params path, layer,
+transform). Source names of every layout are first rewritten to the canonical original
+LLaVA names (SPEC §7); tensors then stream shard by shard into preallocated arrays, so the
+peak memory is about one copy of the converted model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .checkpoint_io import CheckpointError, iter_tensors, tensor_names, weight_files
+from .config import LLMConfig, ModelConfig, SparseConfig, VisionConfig
+
+VISION_PREFIX = "model.vision_tower.vision_tower."
+# The public CLIP tower every LLaVA-1.5 checkpoint names; used only to recognise it.
+KNOWN_TOWERS = {
+    "openai/clip-vit-large-patch14-336": VisionConfig(),
+}
+CLIP_336_PREPROCESSOR = {
+    "crop_size": {"height": 336, "width": 336}, "do_center_crop": True,
+    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+    "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 336},
+}
+IGNORED = [
+    r".*rotary_emb\.inv_freq$", r"(model\.vision_tower\.vision_tower\.)?vision_model\.post_layernorm\..*",
+    r"text_model\..*", r"logit_scale", r"(text|visual)_projection\..*",
+    r"model\.(text|instruct)_score_predictor\..*",  # the released config switches them off
+]
+
+T = lambda w: w.T  # PyTorch Linear [out, in] -> Flax Dense [in, out]
+ID = lambda w: w
+CONV = lambda w: w.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    path: tuple[str, ...]
+    layer: Optional[int]  # index into a stacked leading axis, or None
+    fn: Callable[[np.ndarray], np.ndarray]
+
+
+def _linear(prefix, path, layer=None, bias=True):
+    out = {f"{prefix}.weight": Target(path + ("kernel",), layer, T)}
+    if bias:
+        out[f"{prefix}.bias"] = Target(path + ("bias",), layer, ID)
+    return out
+
+
+def _norm(prefix, path, layer=None, bias=True, scale="scale"):
+    out = {f"{prefix}.weight": Target(path + (scale,), layer, ID)}
+    if bias:
+        out[f"{prefix}.bias"] = Target(path + ("bias",), layer, ID)
+    return out
+
+
+def name_map(cfg: ModelConfig) -> dict[str, Target]:
+    """Canonical PyTorch name -> Target, for every tensor the model needs."""
+    m: dict[str, Target] = {}
+    L = ("llm", "layers")
+    m["model.embed_tokens.weight"] = Target(("llm", "embed_tokens", "embedding"), None, ID)
+    m["model.norm.weight"] = Target(("llm", "norm", "scale"), None, ID)
+    m["lm_head.weight"] = Target(("llm", "lm_head", "kernel"), None, T)
+    for i in range(cfg.llm.num_layers):
+        p = f"model.layers.{i}."
+        m.update(_norm(p + "input_layernorm", L + ("input_norm",), i, bias=False))
+        m.update(_norm(p + "post_attention_layernorm", L + ("post_attention_norm",), i, bias=False))
+        for n in ("q", "k", "v", "o"):
+            m.update(_linear(f"{p}self_attn.{n}_proj", L + (f"{n}_proj",), i, bias=False))
+        for n in ("gate", "up", "down"):
+            m.update(_linear(f"{p}mlp.{n}_proj", L + (f"{n}_proj",), i, bias=False))
+    m.update(_linear("model.mm_projector.0", ("projector", "linear_1")))
+    m.update(_linear("model.mm_projector.2", ("projector", "linear_2")))
+    v = VISION_PREFIX + "vision_model."
+    E = ("vision", "embeddings")
+    m[v + "embeddings.class_embedding"] = Target(E + ("class_embedding",), None, ID)
+    m[v + "embeddings.patch_embedding.weight"] = Target(E + ("patch_embedding", "kernel"), None, CONV)
+    m[v + "embeddings.position_embedding.weight"] = Target(E + ("position_embedding",), None, ID)
+    m.update(_norm(v + "pre_layrnorm", E + ("pre_layrnorm",)))
+    for i in range(cfg.vision.num_layers):
+        p, VL = f"{v}encoder.layers.{i}.", ("vision", "layers")
+        m.update(_norm(p + "layer_norm1", VL + ("layer_norm1",), i))
+        m.update(_norm(p + "layer_norm2", VL + ("layer_norm2",), i))
+        for n in ("q", "k", "v", "out"):
+            m.update(_linear(f"{p}self_attn.{n}_proj", VL + (f"{n}_proj",), i))
+        m.update(_linear(p + "mlp.fc1", VL + ("fc1",), i))
+        m.update(_linear(p + "mlp.fc2", VL + ("fc2",), i))
+    s = cfg.sparse
+    if s.enabled and s.use_vision_predictor:
+        p, P = "model.image_score_predictor.", ("image_predictor",)
+        m.update(_norm(p + "down_mlp.0", P + ("down_norm",)))
+        m.update(_linear(p + "down_mlp.1", P + ("down_proj",)))
+        for j in range(s.num_layers):
+            b, B = f"{p}transformer.{j}.", P + (f"block_{j}",)
+            m.update(_norm(b + "norm1", B + ("norm1",)))
+            m.update(_norm(b + "norm2", B + ("norm2",)))
+            m.update(_linear(b + "attn.qkv", B + ("qkv",), bias=False))
+            m.update(_linear(b + "attn.proj", B + ("proj",)))
+            m.update(_linear(b + "mlp.fc1", B + ("fc1",)))
+            m.update(_linear(b + "mlp.fc2", B + ("fc2",)))
+        for k, n in zip((0, 2, 4), ("out_1", "out_2", "out_3")):
+            m.update(_linear(f"{p}output_mlp.{k}", P + (n,)))
+    if s.enabled and s.use_output_text_predictor:
+        p, P = "model.output_text_score_predictor.output_mlp.", ("text_predictor",)
+        m.update(_norm(p + "0", P + ("norm",)))
+        for k, n in zip((1, 3, 5, 7), ("fc_1", "fc_2", "fc_3", "fc_4")):
+            m.update(_linear(f"{p}{k}", P + (n,)))
+    return m
+
+
+# -- layouts -----------------------------------------------------------------
+
+_HF_RULES = [  # llava-hf names (every transformers version seen) -> canonical
+    (r"^(model\.)?language_model\.model\.", "model."),
+    (r"^model\.language_model\.", "model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^(model\.)?multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
+    (r"^(model\.)?multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
+    (r"^(model\.)?vision_tower\.vision_model\.", VISION_PREFIX + "vision_model."),
+    (r"^(model\.)?vision_tower\.", VISION_PREFIX + "vision_model."),
+]
+
+
+def canonical_name(name: str, layout: str) -> str:
+    if layout == "llava-hf":
+        for pat, rep in _HF_RULES:
+            new, n = re.subn(pat, rep, name)
+            if n:
+                return new
+    return name
+
+
+def detect_layout(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    if "text_config" in hf or any("LlavaForConditionalGeneration" in a for a in archs):
+        return "llava-hf"
+    if "mm_projector_type" in hf or "mm_vision_tower" in hf or hf.get("model_type") in (
+            "llava_llama", "dynamic_llava_llama", "llava"):
+        return "original"
+    raise CheckpointError(
+        "config.json is neither an original LLaVA-1.5 / Dynamic-LLaVA config (no "
+        "mm_projector_type / mm_vision_tower) nor a llava-hf LlavaForConditionalGeneration config")
+
+
+def _llm_config(t: dict) -> LLMConfig:
+    heads = t.get("num_attention_heads", 32)
+    return LLMConfig(
+        vocab_size=t.get("vocab_size", 32000), hidden_size=t.get("hidden_size", 4096),
+        num_layers=t.get("num_hidden_layers", 32), num_heads=heads,
+        num_kv_heads=t.get("num_key_value_heads") or heads,
+        intermediate_size=t.get("intermediate_size", 11008),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-5),
+        rope_theta=(t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta", 10000.0)),
+        max_position_embeddings=t.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)))
+
+
+def _vision_config(v: dict, select_layer: int) -> VisionConfig:
+    return VisionConfig(
+        image_size=v.get("image_size", 336), patch_size=v.get("patch_size", 14),
+        hidden_size=v.get("hidden_size", 1024), num_layers=v.get("num_hidden_layers", 24),
+        num_heads=v.get("num_attention_heads", 16),
+        intermediate_size=v.get("intermediate_size", 4096),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5), select_layer=select_layer)
+
+
+def _sparse_config(sc: Optional[dict]) -> SparseConfig:
+    if not sc:
+        return SparseConfig(enabled=False)
+    keys = {f.name for f in dataclasses.fields(SparseConfig)}
+    kw = {k: sc[k] for k in keys if k in sc}
+    return SparseConfig(enabled=True, **kw)
+
+
+def vision_from_shapes(shapes: dict[str, tuple], prefix: str, select_layer: int,
+                       heads_from: Optional[VisionConfig]) -> VisionConfig:
+    """The tower's config from its tensor shapes (heads come from a known config)."""
+    pe = shapes[prefix + "embeddings.patch_embedding.weight"]
+    pos = shapes[prefix + "embeddings.position_embedding.weight"]
+    fc1 = shapes[prefix + "encoder.layers.0.mlp.fc1.weight"]
+    nl = len({k.split(".")[3] for k in shapes if k.startswith(prefix + "encoder.layers.")})
+    side = int(round((pos[0] - 1) ** 0.5)) * pe[2]
+    cfg = VisionConfig(image_size=side, patch_size=pe[2], hidden_size=pe[0], num_layers=nl,
+                       num_heads=heads_from.num_heads if heads_from else 0,
+                       intermediate_size=fc1[0], select_layer=select_layer)
+    return cfg
+
+
+@dataclasses.dataclass
+class Source:
+    """What a source checkpoint holds: layout, configs, and where each tensor lives."""
+
+    layout: str
+    config: ModelConfig
+    tensors: dict[str, tuple[tuple, Path, str]]  # canonical -> (shape, file, source name)
+    ignored: list[str]
+    preprocessor: dict
+    tokenizer_dir: Path
+
+
+def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {src}")
+    if not (src / "config.json").exists():
+        raise CheckpointError(f"{src} has no config.json")
+    hf = json.loads((src / "config.json").read_text())
+    layout = detect_layout(hf)
+    raw = tensor_names(weight_files(src))
+    tensors = {canonical_name(k, layout): (shape, f, k) for k, (shape, f) in raw.items()}
+
+    if layout == "llava-hf":
+        text = hf.get("text_config") or {}
+        llm = _llm_config(text)
+        sel = hf.get("vision_feature_layer", -2)
+        if hf.get("vision_feature_select_strategy", "default") != "default":
+            raise CheckpointError("only vision_feature_select_strategy 'default' (drop CLS) is supported")
+        if hf.get("projector_hidden_act", "gelu") != "gelu":
+            raise CheckpointError("only the mlp2x_gelu projector is supported")
+        vision = _vision_config(hf.get("vision_config") or {}, sel)
+        sparse = SparseConfig(enabled=False)
+        image_token = -200
+        pre_path = src / "preprocessor_config.json"
+    else:
+        llm = _llm_config(hf)
+        if hf.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+            raise CheckpointError(f"projector {hf.get('mm_projector_type')!r} is not supported (mlp2x_gelu only)")
+        sel = hf.get("mm_vision_select_layer", -2)
+        sparse = _sparse_config(hf.get("sparse_config"))
+        vision, pre_path = None, None
+        image_token = -200
+
+    if vision_tower is not None:
+        vt = Path(vision_tower)
+        if not (vt / "config.json").exists():
+            raise CheckpointError(f"--vision-tower {vt}: no config.json (a CLIP vision directory is expected)")
+        vcfg = json.loads((vt / "config.json").read_text())
+        vision = _vision_config(vcfg.get("vision_config", vcfg), sel)
+        pre_path = vt / "preprocessor_config.json"
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(VISION_PREFIX)}
+        for k, (shape, f) in tensor_names(weight_files(vt)).items():
+            key = k if k.startswith("vision_model.") else None
+            if key is None and k.startswith("model.vision_model."):
+                key = k[len("model."):]
+            if key is None:
+                continue
+            tensors[VISION_PREFIX + key] = (shape, f, k)
+    elif vision is None:
+        hub = hf.get("mm_vision_tower", "?")
+        vp = VISION_PREFIX + "vision_model."
+        shapes = {k[len(vp):]: s for k, (s, _, _) in tensors.items() if k.startswith(vp)}
+        known = KNOWN_TOWERS.get(hub)
+        if not shapes:
+            raise CheckpointError(
+                f"the checkpoint holds no vision tower weights and names {hub!r}, which cannot be "
+                "downloaded here: pass --vision-tower DIR (a local CLIP vision directory)")
+        guess = vision_from_shapes({"" + k: s for k, s in shapes.items()}, "", sel, known)
+        if known is None or dataclasses.replace(guess, num_heads=known.num_heads,
+                                                layer_norm_eps=known.layer_norm_eps) != \
+                dataclasses.replace(known, select_layer=sel):
+            raise CheckpointError(
+                f"the vision tower inside the checkpoint does not have the shapes of {hub!r}, so its "
+                "attention heads are unknown: pass --vision-tower DIR (its CLIP config and preprocessor)")
+        vision = dataclasses.replace(known, select_layer=sel)
+        pre_path = None
+
+    preprocessor = json.loads(pre_path.read_text()) if pre_path and pre_path.exists() else None
+    if preprocessor is None:
+        if vision.image_size != 336:
+            raise CheckpointError("no preprocessor_config.json found for the vision tower; pass --vision-tower DIR")
+        preprocessor = dict(CLIP_336_PREPROCESSOR)
+
+    cfg = ModelConfig(vision=vision, llm=llm, sparse=sparse, image_token_index=image_token,
+                      bos_token_id=hf.get("bos_token_id", (hf.get("text_config") or {}).get("bos_token_id", 1)) or 1,
+                      eos_token_id=hf.get("eos_token_id", (hf.get("text_config") or {}).get("eos_token_id", 2)) or 2,
+                      pad_token_id=hf.get("pad_token_id", 0) or 0)
+    ignored = [k for k in tensors if any(re.fullmatch(p, k) for p in IGNORED)]
+    for k in ignored:
+        tensors.pop(k)
+    return Source(layout, cfg, tensors, ignored, preprocessor, src)
+
+
+def check_names(src: Source, nmap: dict[str, Target], expected_shapes: dict[str, tuple]) -> None:
+    """Raise one CheckpointError that lists every missing, unexpected or mis-shaped tensor."""
+    have, want = set(src.tensors), set(nmap)
+    if src.config.llm.tie_word_embeddings and "lm_head.weight" not in have:
+        want.discard("lm_head.weight")
+    missing = sorted(want - have)
+    unexpected = sorted(have - want)
+    bad = sorted(f"{k}: {tuple(src.tensors[k][0])} != expected {expected_shapes[k]}"
+                 for k in want & have if tuple(src.tensors[k][0]) != expected_shapes[k])
+    if missing or unexpected or bad:
+        lines = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"{len(items)} {title} tensor(s):\n  " + "\n  ".join(shown))
+        raise CheckpointError("checkpoint does not match the model config; nothing was written.\n"
+                              + "\n".join(lines))
+
+
+def expected_torch_shapes(cfg: ModelConfig, nmap: dict[str, Target]) -> dict[str, tuple]:
+    """The PyTorch shape each mapped tensor must have (from our param shapes)."""
+    import jax
+    from .model import init_params
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    out = {}
+    for name, t in nmap.items():
+        leaf = shapes
+        for p in t.path:
+            leaf = leaf[p]
+        s = tuple(leaf.shape[1:] if t.layer is not None else leaf.shape)
+        if t.fn is T:
+            s = s[::-1]
+        elif t.fn is CONV:
+            s = (s[3], s[2], s[0], s[1])
+        out[name] = s
+    return out
+
+
+def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path] = None,
+            dtype: str = "float32", force: bool = False, progress: bool = True) -> ModelConfig:
+    """Convert a PyTorch checkpoint directory into a converted directory at `dst`."""
+    import ml_dtypes
+    from tqdm import tqdm
+    from .checkpoint import CheckpointDirError, save_converted
+
+    if dtype not in ("float32", "bfloat16"):
+        raise CheckpointError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
+    source = read_source(Path(src), Path(vision_tower) if vision_tower else None)
+    cfg = source.config.replace(dtype="bfloat16" if dtype == "bfloat16" else "float32",
+                                param_dtype=dtype)
+    nmap = name_map(cfg)
+    shapes = expected_torch_shapes(cfg, nmap)
+    check_names(source, nmap, shapes)
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    import jax
+    from .model import init_params
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    params = jax.tree_util.tree_map(lambda s: np.empty(s.shape, np_dtype), abstract)
+    filled = set()
+    by_file: dict[Path, list[str]] = {}
+    for canon, (_, f, orig) in source.tensors.items():
+        by_file.setdefault(f, []).append(canon)
+    orig_to_canon = {(f, orig): canon for canon, (_, f, orig) in source.tensors.items()}
+    bar = tqdm(total=len(source.tensors), desc="converting", unit="tensor", disable=not progress)
+    for f in sorted(by_file):
+        for name, arr in iter_tensors(f):
+            canon = orig_to_canon.get((f, name))
+            if canon is None:
+                continue
+            t = nmap[canon]
+            leaf = params
+            for p in t.path[:-1]:
+                leaf = leaf[p]
+            value = t.fn(arr).astype(np_dtype)
+            if t.layer is None:
+                leaf[t.path[-1]] = value
+            else:
+                leaf[t.path[-1]][t.layer] = value
+            filled.add(canon)
+            bar.update(1)
+    bar.close()
+    if cfg.llm.tie_word_embeddings and "lm_head.weight" not in filled:
+        params["llm"]["lm_head"]["kernel"] = params["llm"]["embed_tokens"]["embedding"].T.copy()
+    save_converted(dst, params, cfg, source.preprocessor, source.tokenizer_dir, force=force)
+    return cfg

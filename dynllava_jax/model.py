@@ -1,0 +1,139 @@
+"""The LLaVA model as functions over one params pytree.
+
+params = {
+  "vision":    {"embeddings": ..., "layers": stacked CLIPEncoderLayer},
+  "projector": Projector,
+  "llm":       {"embed_tokens": {"embedding"}, "layers": stacked DecoderLayer,
+                "norm": {"scale"}, "lm_head": {"kernel"}},
+  "image_predictor": ImagePredictor, "text_predictor": TextPredictor   (Dynamic-LLaVA only)
+}
+Inputs use LLaVA's layout expanded to static shapes (see `inputs.py`): `tokens` [B,T] with
+the image marker replaced by `num_image_tokens` placeholder slots starting at
+`image_start[b]` (-1: no image), and `lengths` [B] real tokens (right padding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .config import ModelConfig
+from .llama import DecoderLayer, RMSNorm, causal_mask, run_stack
+from .predictors import ImagePredictor, TextPredictor
+from .vision import CLIPEmbeddings, CLIPEncoderLayer, Projector, vision_features
+
+
+def compute_dtype(cfg: ModelConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+def _stacked_init(module, n, rng, *args):
+    keys = jax.random.split(rng, max(n, 1))[:n]
+    return jax.vmap(lambda k: module.init(k, *args)["params"])(keys)
+
+
+def init_params(cfg: ModelConfig, rng, with_predictors: bool | None = None):
+    """Random parameters (tests, and fresh predictors for training from plain LLaVA)."""
+    v, l, s = cfg.vision, cfg.llm, cfg.sparse
+    ks = jax.random.split(rng, 8)
+    px = jnp.zeros((1, 3, v.image_size, v.image_size))
+    tok = jnp.zeros((1, v.num_patches + 1, v.hidden_size))
+    h = jnp.zeros((1, 4, l.hidden_size))
+    pos = jnp.zeros((1, 4), jnp.int32)
+    params = {
+        "vision": {
+            "embeddings": CLIPEmbeddings(v).init(ks[0], px)["params"],
+            "layers": _stacked_init(CLIPEncoderLayer(v), v.num_layers, ks[1], tok),
+        },
+        "projector": Projector(l.hidden_size).init(ks[2], tok[:, 1:])["params"],
+        "llm": {
+            "embed_tokens": nn.Embed(l.vocab_size, l.hidden_size).init(
+                ks[3], jnp.zeros((1, 1), jnp.int32))["params"],
+            "layers": _stacked_init(DecoderLayer(l), l.num_layers, ks[4], h, pos,
+                                    causal_mask(jnp.ones((1, 4), bool))),
+            "norm": RMSNorm(l.rms_norm_eps).init(ks[5], h)["params"],
+            "lm_head": nn.Dense(l.vocab_size, use_bias=False).init(ks[6], h)["params"],
+        },
+    }
+    if with_predictors if with_predictors is not None else s.enabled:
+        params.update(init_predictors(cfg, ks[7]))
+    return params
+
+
+def init_predictors(cfg: ModelConfig, rng):
+    h = jnp.zeros((1, 4, cfg.llm.hidden_size))
+    k1, k2 = jax.random.split(rng)
+    return {
+        "image_predictor": ImagePredictor(cfg.sparse).init(k1, h, jnp.ones((1, 4)))["params"],
+        "text_predictor": TextPredictor(cfg.sparse).init(k2, h)["params"],
+    }
+
+
+def image_features(params, cfg: ModelConfig, pixels_BCHW):
+    """Projected image tokens [B, num_image_tokens, hidden]."""
+    dt = compute_dtype(cfg)
+    f = vision_features(params["vision"], cfg.vision, pixels_BCHW, dt)
+    return Projector(cfg.llm.hidden_size, dt).apply({"params": params["projector"]}, f)
+
+
+def embed_inputs(params, cfg: ModelConfig, tokens_BT, image_feats_BNH, image_start_B):
+    """Token embeddings with the image features placed at each sample's image slots."""
+    dt = compute_dtype(cfg)
+    table = params["llm"]["embed_tokens"]["embedding"]
+    x = jnp.take(table, jnp.clip(tokens_BT, 0, table.shape[0] - 1), axis=0).astype(dt)
+    if image_feats_BNH is None:
+        return x
+    n = image_feats_BNH.shape[1]
+    rel = jnp.arange(tokens_BT.shape[1])[None, :] - image_start_B[:, None]
+    is_img = (image_start_B[:, None] >= 0) & (rel >= 0) & (rel < n)
+    img = jnp.take_along_axis(image_feats_BNH.astype(dt), jnp.clip(rel, 0, n - 1)[..., None], axis=1)
+    return jnp.where(is_img[..., None], img, x)
+
+
+def image_token_mask(cfg: ModelConfig, image_start_B, t: int):
+    rel = jnp.arange(t)[None, :] - image_start_B[:, None]
+    return (image_start_B[:, None] >= 0) & (rel >= 0) & (rel < cfg.num_image_tokens)
+
+
+def lm_logits(params, cfg: ModelConfig, h):
+    """Final RMSNorm and LM head; logits in float32."""
+    dt = compute_dtype(cfg)
+    h = RMSNorm(cfg.llm.rms_norm_eps, dt).apply({"params": params["llm"]["norm"]}, h)
+    w = params["llm"]["lm_head"]["kernel"].astype(dt)
+    return jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def image_scores(params, cfg: ModelConfig, h_BTH, image_start_B, decision_BN=None):
+    """Image-predictor logits [B, N, 2] for the image tokens of each sample."""
+    n = cfg.num_image_tokens
+    idx = jnp.clip(image_start_B, 0, None)[:, None] + jnp.arange(n)[None, :]
+    idx = jnp.clip(idx, 0, h_BTH.shape[1] - 1)
+    x = jnp.take_along_axis(h_BTH, idx[..., None], axis=1)
+    if decision_BN is None:
+        decision_BN = jnp.ones(idx.shape, x.dtype)
+    return ImagePredictor(cfg.sparse, compute_dtype(cfg)).apply(
+        {"params": params["image_predictor"]}, x, decision_BN)
+
+
+def text_scores(params, cfg: ModelConfig, h):
+    """Output-text-predictor logits [..., 2]."""
+    return TextPredictor(cfg.sparse, compute_dtype(cfg)).apply(
+        {"params": params["text_predictor"]}, h)
+
+
+def forward_dense(params, cfg: ModelConfig, tokens_BT, lengths_B, pixels_BCHW=None,
+                  image_start_B=None, remat: str = "none"):
+    """Plain LLaVA-1.5 forward over a right-padded batch: logits [B, T, V]."""
+    b, t = tokens_BT.shape
+    feats = None
+    if pixels_BCHW is not None:
+        feats = image_features(params, cfg, pixels_BCHW)
+    if image_start_B is None:
+        image_start_B = jnp.full((b,), -1, jnp.int32)
+    x = embed_inputs(params, cfg, tokens_BT, feats, image_start_B)
+    positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+    valid = positions < lengths_B[:, None]
+    x, _ = run_stack(params["llm"]["layers"], cfg.llm, compute_dtype(cfg), x, positions,
+                     causal_mask(valid), remat=remat)
+    return lm_logits(params, cfg, x)

@@ -1,0 +1,238 @@
+"""LLaMA tokenizer with the exact behaviour LLaVA relies on (SPEC §1).
+
+The official code tokenises with transformers 4.37's *slow* ``LlamaTokenizer``.
+transformers 5 changed that class, so this module re-implements the 4.37
+behaviour directly on top of sentencepiece:
+
+* text is first split at added/special tokens written in it (``</s>`` in
+  multi-turn conversations); each piece goes through sentencepiece on its own;
+* ``legacy: true`` (the LLaVA-1.5 checkpoints): every piece gets sentencepiece's
+  dummy prefix ``▁``;
+* ``legacy: false``: the model's dummy prefix is switched off, the text gets one
+  leading ``▁``, and a piece starting with ``▁``/space is encoded behind an
+  ``<unk>`` string that is then cut off, so its leading space survives
+  sentencepiece's whitespace handling. A piece right after a special token
+  therefore gets no ``▁``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import sentencepiece as spm
+
+IMAGE_TOKEN_INDEX = -200
+IMAGE_TOKEN = "<image>"
+
+_SPIECE_UNDERLINE = "\u2581"
+_MODEL_FILE = "tokenizer.model"
+_CONFIG_FILE = "tokenizer_config.json"
+_SPECIAL_MAP_FILE = "special_tokens_map.json"
+
+
+def _content(token) -> str | None:
+    """Token text from a config entry (a string or an AddedToken-like dict)."""
+    if isinstance(token, dict):
+        return token.get("content")
+    return token
+
+
+def _load_without_dummy_prefix(model_file: Path) -> spm.SentencePieceProcessor:
+    """Load the model with ``add_dummy_prefix`` off, as 4.37 does for legacy=False."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    except ImportError as e:  # protobuf missing
+        raise ImportError("legacy=False tokenizers need the `protobuf` package") from e
+    proto = model_pb2.ModelProto.FromString(model_file.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto.SerializeToString())
+    return sp
+
+
+class LlavaTokenizer:
+    """transformers-4.37 slow ``LlamaTokenizer`` semantics, without torch/transformers."""
+
+    def __init__(self, directory: str | Path):
+        self._dir = Path(directory)
+        model_file = self._dir / _MODEL_FILE
+        if not model_file.is_file():
+            raise FileNotFoundError(f"no {_MODEL_FILE} in {self._dir}")
+        cfg = {}
+        if (self._dir / _CONFIG_FILE).is_file():
+            cfg = json.loads((self._dir / _CONFIG_FILE).read_text())
+        special_map = {}
+        if (self._dir / _SPECIAL_MAP_FILE).is_file():
+            special_map = json.loads((self._dir / _SPECIAL_MAP_FILE).read_text())
+
+        # 4.37 treats a missing flag as legacy=True (with a warning).
+        legacy = cfg.get("legacy")
+        self.legacy: bool = True if legacy is None else bool(legacy)
+        self.add_bos: bool = bool(cfg.get("add_bos_token", True))
+        self.add_eos: bool = bool(cfg.get("add_eos_token", False))
+        self.clean_up_spaces: bool = bool(cfg.get("clean_up_tokenization_spaces", False))
+
+        if self.legacy:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        else:
+            self.sp = _load_without_dummy_prefix(model_file)
+
+        def tok(name: str, default: str | None) -> str | None:
+            value = _content(cfg.get(name))
+            if value is None:
+                value = _content(special_map.get(name))
+            return default if value is None else value
+
+        self.bos_token = tok("bos_token", "<s>")
+        self.eos_token = tok("eos_token", "</s>")
+        self.unk_token = tok("unk_token", "<unk>")
+        self.pad_token = tok("pad_token", None)
+
+        # Added tokens: content -> (id, lstrip, rstrip). 4.37 splits on all of
+        # them, and always adds the named special tokens too.
+        self._added: dict[str, tuple[int, bool, bool]] = {}
+        for idx, entry in (cfg.get("added_tokens_decoder") or {}).items():
+            self._added[entry["content"]] = (
+                int(idx), bool(entry.get("lstrip")), bool(entry.get("rstrip")))
+        extra = [_content(t) for t in cfg.get("additional_special_tokens") or []]
+        for t in [self.bos_token, self.eos_token, self.unk_token, self.pad_token, *extra]:
+            if t is not None and t not in self._added:
+                self._added[t] = (self.sp.piece_to_id(t), False, False)
+        self._special = {t for t in [self.bos_token, self.eos_token, self.unk_token,
+                                     self.pad_token, *extra] if t is not None}
+        self._special_ids = {self._added[t][0] for t in self._special}
+        self._id_to_added = {i: t for t, (i, _, _) in self._added.items()}
+        # Longest first so that overlapping tokens match like 4.37's trie.
+        alternatives = sorted(self._added, key=len, reverse=True)
+        self._split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+        self._unk_len = len(self.sp.encode(self.unk_token))
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "LlavaTokenizer":
+        """Read ``tokenizer.model`` (+ ``tokenizer_config.json`` if present) from ``path``."""
+        return cls(path)
+
+    def save(self, dst_dir: str | Path) -> None:
+        """Copy the tokenizer files into ``dst_dir`` so ``from_dir`` reloads the same tokenizer."""
+        dst = Path(dst_dir)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in (_MODEL_FILE, _CONFIG_FILE, _SPECIAL_MAP_FILE):
+            src = self._dir / name
+            if src.is_file() and src.resolve() != (dst / name).resolve():
+                shutil.copyfile(src, dst / name)
+        if not (dst / _CONFIG_FILE).exists():
+            # Record the flag explicitly: its absence means legacy=True on reload.
+            (dst / _CONFIG_FILE).write_text(json.dumps({"legacy": self.legacy}, indent=2))
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def bos_id(self) -> int:
+        return self._added[self.bos_token][0]
+
+    @property
+    def eos_id(self) -> int:
+        return self._added[self.eos_token][0]
+
+    @property
+    def unk_id(self) -> int:
+        return self._added[self.unk_token][0]
+
+    @property
+    def pad_id(self) -> int:
+        """The config's pad token, else unk (LLaVA sets ``pad_token = unk_token``)."""
+        return self._added[self.pad_token][0] if self.pad_token is not None else self.unk_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of sentencepiece pieces (4.37's ``vocab_size``; added tokens beyond it excluded)."""
+        return self.sp.get_piece_size()
+
+    # ------------------------------------------------------------- encoding
+    def _split_added(self, text: str) -> list[tuple[str, bool]]:
+        """Split at added tokens, applying their lstrip/rstrip; drop empty pieces."""
+        parts = self._split_re.split(text)
+        for i, part in enumerate(parts):
+            if i % 2 == 1:  # odd positions are the captured added tokens
+                _, lstrip, rstrip = self._added[part]
+                if rstrip and i + 1 < len(parts):
+                    parts[i + 1] = parts[i + 1].lstrip()
+                if lstrip and i > 0:
+                    parts[i - 1] = parts[i - 1].rstrip()
+        return [(p, i % 2 == 1) for i, p in enumerate(parts) if p]
+
+    def _sp_pieces(self, text: str) -> list[str]:
+        pieces = self.sp.encode(text, out_type=str)
+        if self.legacy or not text.startswith((_SPIECE_UNDERLINE, " ")):
+            return pieces
+        # Without a dummy prefix sentencepiece would eat the leading space.
+        pieces = self.sp.encode(self.unk_token + text, out_type=str)
+        return pieces[self._unk_len:] if len(pieces) >= self._unk_len else pieces
+
+    def _tokens(self, text: str) -> list[str]:
+        if not self.legacy and text:
+            text = _SPIECE_UNDERLINE + text.replace(_SPIECE_UNDERLINE, " ")
+        tokens: list[str] = []
+        for part, is_added in self._split_added(text):
+            tokens.extend([part] if is_added else self._sp_pieces(part))
+        if (not self.legacy and len(tokens) > 1 and tokens[0] == _SPIECE_UNDERLINE
+                and tokens[1] in self._special):
+            tokens = tokens[1:]
+        return tokens
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS (4.37 ``tokenize`` + ``convert_tokens_to_ids``)."""
+        return [self._added[t][0] if t in self._added else self.sp.piece_to_id(t)
+                for t in self._tokens(text)]
+
+    def __call__(self, text: str) -> list[int]:
+        """Like 4.37 ``tokenizer(text).input_ids``: BOS/EOS per the config."""
+        return (([self.bos_id] if self.add_bos else []) + self.encode(text)
+                + ([self.eos_id] if self.add_eos else []))
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """LLaVA's ``tokenizer_image_token``: BOS, chunks split at ``<image>``, -200 between."""
+        ids = [self.bos_id] if self.add_bos else []
+        for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
+            if i:
+                ids.append(IMAGE_TOKEN_INDEX)
+            ids.extend(self.encode(chunk))
+        return ids
+
+    # ------------------------------------------------------------- decoding
+    def _pieces_to_text(self, pieces: list[str]) -> str:
+        # 4.37 removes the first piece's leading "▁" by hand (its own prefix).
+        if pieces[0].startswith(_SPIECE_UNDERLINE):
+            pieces = [pieces[0][1:], *pieces[1:]]
+        return self.sp.decode(pieces)
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``, skipping special tokens and image markers (negative ids)."""
+        texts: list[str] = []
+        pieces: list[str] = []
+        for i in (int(i) for i in ids):
+            if i < 0 or i in self._special_ids:
+                continue
+            added = self._id_to_added.get(i)
+            if added is not None:  # non-special added token: emitted verbatim
+                if pieces:
+                    text = self._pieces_to_text(pieces)
+                    if text:
+                        texts.append(text)
+                    pieces = []
+                texts.append(added)
+            else:
+                pieces.append(self.sp.id_to_piece(i))
+        if pieces:
+            texts.append(self._pieces_to_text(pieces))
+        # 4.37's _decode joins with spaces (its spaces_between_special_tokens
+        # defaults to True whatever the config says).
+        text = " ".join(texts)
+        if self.clean_up_spaces:
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                         (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                         (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
