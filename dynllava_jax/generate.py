@@ -1,0 +1,353 @@
+"""Batched generation in the three modes of SPEC §3, with static shapes.
+
+- `prefill`: one compiled pass over the padded prompts. Layers < l see everything and
+  fill the dense caches; at layer l the image predictor keeps the top-k image tokens of
+  each sample, the sequence is compacted to a shorter static length (original RoPE
+  positions carried along) and layers >= l run on it and fill the sparse caches.
+- `decode_loop`: one compiled `lax.while_loop`; each step runs the new token through all
+  layers, the output-text predictor at layer l decides whether the sparse layers keep it.
+- `generate_no_cache`: recomputes the sequence every step; image and generated tokens are
+  pruned at layer l and layers >= l run on a compacted length. Lengths grow in buckets:
+  one compiled loop per bucket, not per step.
+Every sequence is exact on its own: lengths and decisions are per sequence, unused slots
+masked, so a batch equals its sequences run one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import kv_cache
+from .config import ModelConfig
+from .inputs import Batch
+from .llama import causal_mask, run_stack, split_layers
+from .model import (compute_dtype, embed_inputs, image_features, image_scores,
+                    image_token_mask, lm_logits, text_scores)
+from .sampling import sample
+from .sparsity import compaction_indices, gather_tokens, topk_keep_mask
+
+# The decode state is donated so the caches are updated in place; its small bookkeeping
+# arrays cannot always be reused, which JAX reports as a warning that means nothing here.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+TRACES = {"prefill": 0, "decode": 0, "no_cache": 0}  # trace counters (tests check compiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenOptions:
+    max_new_tokens: int = 32
+    mode: str = "dynamic"  # "dense" | "dynamic"
+    use_cache: bool = True
+    vision_keep_rate: Optional[float] = None  # None: the checkpoint's
+    text_kv_budget: float = 1.0
+    greedy: bool = True
+    no_cache_bucket: int = 32  # generated-length bucket of the no-cache loop
+
+    def prune_vision(self, cfg: ModelConfig) -> bool:
+        return self.mode == "dynamic" and cfg.sparse.enabled and cfg.sparse.use_vision_predictor
+
+    def prune_text(self, cfg: ModelConfig) -> bool:
+        return self.mode == "dynamic" and cfg.sparse.enabled and cfg.sparse.use_output_text_predictor
+
+    def keep_k(self, cfg: ModelConfig) -> int:
+        rate = cfg.sparse.vision_keep_rate if self.vision_keep_rate is None else self.vision_keep_rate
+        return int(cfg.num_image_tokens * rate) if self.prune_vision(cfg) else cfg.num_image_tokens
+
+
+def _layer_split(cfg: ModelConfig) -> int:
+    return min(cfg.sparse.sparse_layer, cfg.llm.num_layers)
+
+
+def compacted_length(batch: Batch, cfg: ModelConfig, opts: GenOptions) -> int:
+    """Static length of the prompt after image pruning (all samples padded to it)."""
+    t = batch.tokens.shape[1]
+    if bool(np.all(batch.image_start >= 0)):
+        return t - (cfg.num_image_tokens - opts.keep_k(cfg))
+    return t
+
+
+def _image_keep(params, cfg, opts, h, image_start, t):
+    """[B,T] False exactly for the image tokens the predictor prunes; kept indices [B,N]."""
+    is_img = image_token_mask(cfg, image_start, t)
+    if not opts.prune_vision(cfg):
+        return jnp.ones(is_img.shape, bool), jnp.ones((h.shape[0], cfg.num_image_tokens), bool)
+    logits = image_scores(params, cfg, h, image_start)
+    score = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
+    keep_n = topk_keep_mask(score, opts.keep_k(cfg))
+    rel = jnp.clip(jnp.arange(t)[None, :] - image_start[:, None], 0, cfg.num_image_tokens - 1)
+    keep_t = jnp.take_along_axis(keep_n, rel, axis=1)
+    return ~is_img | keep_t, keep_n
+
+
+def _text_keep(params, cfg, opts, h):
+    """Output-text predictor decision (keep iff logit0 > logit1) and keep score."""
+    if not opts.prune_text(cfg):
+        return jnp.ones(h.shape[:-1], bool), jnp.zeros(h.shape[:-1], jnp.float32)
+    logits = text_scores(params, cfg, h).astype(jnp.float32)
+    return logits[..., 0] > logits[..., 1], jax.nn.log_softmax(logits, axis=-1)[..., 0]
+
+
+def _last(x_BTH, count_B):
+    return jnp.take_along_axis(x_BTH, (count_B - 1)[:, None, None], axis=1)[:, 0]
+
+
+# -- KV-cache mode -------------------------------------------------------------------
+
+def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
+            opts: GenOptions, compact_len: int):
+    """Prompt pass. Returns (first-token logits [B,V], decode state dict)."""
+    TRACES["prefill"] += 1
+    dt = compute_dtype(cfg)
+    b, t = tokens.shape
+    l = _layer_split(cfg)
+    pre, post = split_layers(params["llm"]["layers"], l)
+    feats = image_features(params, cfg, pixels) if pixels is not None else None
+    x = embed_inputs(params, cfg, tokens, feats, image_start)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    valid = pos < lengths[:, None]
+    dense_slots = t + opts.max_new_tokens
+    dense_c = kv_cache.init_caches(l, b, dense_slots, cfg, dt)
+    x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, causal_mask(valid), dense_c, pos)
+
+    keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, t)
+    idx, cvalid = compaction_indices(keep_t & valid, compact_len)
+    xc, posc = gather_tokens(x, idx), gather_tokens(pos, idx)
+    count = cvalid.sum(-1).astype(jnp.int32)
+    cap = kv_cache.sparse_capacity(compact_len, opts.max_new_tokens,
+                                   opts.text_kv_budget if opts.prune_text(cfg) else 1.0)
+    sparse_c = kv_cache.init_caches(cfg.llm.num_layers - l, b, cap + 1, cfg, dt)
+    slots = jnp.broadcast_to(jnp.arange(compact_len, dtype=jnp.int32)[None], (b, compact_len))
+    xc, sparse_c = run_stack(post, cfg.llm, dt, xc, posc, causal_mask(cvalid), sparse_c, slots)
+    logits = lm_logits(params, cfg, _last(xc, count))
+    score = jnp.where(jnp.arange(cap + 1)[None] < count[:, None], jnp.inf, -jnp.inf)
+    state = {"dense": dense_c, "sparse": sparse_c, "dense_len": lengths.astype(jnp.int32),
+             "sparse_len": count, "score": score, "next_pos": lengths.astype(jnp.int32),
+             "evicted": jnp.zeros((b,), bool), "image_keep": keep_n}
+    return logits, state
+
+
+def decode_step(params, token_B, state, *, cfg: ModelConfig, opts: GenOptions):
+    """Feed one token per sequence through every layer; returns (logits [B,V], state)."""
+    dt = compute_dtype(cfg)
+    l = _layer_split(cfg)
+    pre, post = split_layers(params["llm"]["layers"], l)
+    x = embed_inputs(params, cfg, token_B[:, None], None, None)
+    pos = state["next_pos"][:, None]
+    d_slot = state["dense_len"]
+    d_slots = state["dense"]["k"].shape[2]
+    x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, kv_cache.visible(d_slots, d_slot, d_slot),
+                           state["dense"], d_slot[:, None], attend_cache=True)
+    keep, score = _text_keep(params, cfg, opts, x[:, 0])
+    s_slots = state["sparse"]["k"].shape[2]
+    slot, s_len, s_score, evicted = kv_cache.sparse_append(
+        state["sparse_len"], state["score"], keep, score, s_slots - 1)
+    x, sparse_c = run_stack(post, cfg.llm, dt, x, pos, kv_cache.visible(s_slots, state["sparse_len"], slot),
+                            state["sparse"], slot[:, None], attend_cache=True)
+    logits = lm_logits(params, cfg, x[:, 0])
+    state = dict(state, dense=dense_c, sparse=sparse_c, dense_len=d_slot + 1, sparse_len=s_len,
+                 score=s_score, next_pos=state["next_pos"] + 1,
+                 evicted=state["evicted"] | evicted)
+    return logits, state
+
+
+def decode_loop(params, first_logits, state, rng, temperature, top_p, *, cfg: ModelConfig,
+                opts: GenOptions):
+    """All decoding steps in one `lax.while_loop`; stops when every sequence hit EOS."""
+    TRACES["decode"] += 1
+    b = first_logits.shape[0]
+    n = opts.max_new_tokens
+    rng, sub = jax.random.split(rng)
+    tok = sample(first_logits, sub, opts.greedy, temperature, top_p)
+    out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok)
+    done = tok == cfg.eos_token_id
+    first_gen = state["sparse_len"]
+
+    def cond(c):
+        i, _, _, done, _, _ = c
+        return (i < n) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, out, done, state, rng = c
+        logits, state = decode_step(params, tok, state, cfg=cfg, opts=opts)
+        rng, sub = jax.random.split(rng)
+        nxt = sample(logits, sub, opts.greedy, temperature, top_p)
+        nxt = jnp.where(done, cfg.pad_token_id, nxt)
+        out = out.at[:, i].set(nxt)
+        done = done | (nxt == cfg.eos_token_id)
+        return i + 1, nxt, out, done, state, rng
+
+    _, _, out, _, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, state, rng))
+    stats = {"generated_in_cache": state["sparse_len"] - first_gen, "evicted": state["evicted"],
+             "image_keep": state["image_keep"]}
+    return out, stats
+
+
+# -- no-cache mode ---------------------------------------------------------------------
+
+def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, temperature,
+                    top_p, start, stop, *, cfg: ModelConfig, opts: GenOptions, full_len: int,
+                    compact_len: int):
+    """Steps [start, stop) of no-cache decoding on static lengths (full_len, compact_len)."""
+    TRACES["no_cache"] += 1
+    dt = compute_dtype(cfg)
+    b = seq.shape[0]
+    l = _layer_split(cfg)
+    pre, post = split_layers(params["llm"]["layers"], l)
+    pos = jnp.broadcast_to(jnp.arange(full_len, dtype=jnp.int32)[None], (b, full_len))
+
+    def cond(c):
+        i, _, _, done, _ = c
+        return (i < stop) & ~jnp.all(done)
+
+    def body(c):
+        i, seq, out, done, rng = c
+        cur = lengths + i  # tokens in each sequence at this step; the newest is cur - 1
+        valid = pos < cur[:, None]
+        x = embed_inputs(params, cfg, seq[:, :full_len], feats, image_start)
+        x, _ = run_stack(pre, cfg.llm, dt, x, pos, causal_mask(valid))
+        keep_t, _ = _image_keep(params, cfg, opts, x, image_start, full_len)
+        gen_keep, _ = _text_keep(params, cfg, opts, x)
+        is_gen = (pos >= lengths[:, None]) & (pos < cur[:, None] - 1)
+        keep = valid & keep_t & (~is_gen | gen_keep)
+        idx, cvalid = compaction_indices(keep, compact_len)
+        xc = gather_tokens(x, idx)
+        xc, _ = run_stack(post, cfg.llm, dt, xc, gather_tokens(pos, idx), causal_mask(cvalid))
+        logits = lm_logits(params, cfg, _last(xc, cvalid.sum(-1)))
+        rng, sub = jax.random.split(rng)
+        nxt = sample(logits, sub, opts.greedy, temperature, top_p)
+        nxt = jnp.where(done, cfg.pad_token_id, nxt)
+        out = out.at[:, i].set(nxt)
+        seq = seq.at[jnp.arange(b), jnp.minimum(cur, seq.shape[1] - 1)].set(nxt)
+        done = done | (nxt == cfg.eos_token_id)
+        return i + 1, seq, out, done, rng
+
+    i, seq, out, done, rng = jax.lax.while_loop(cond, body, (start, seq, out, done, rng))
+    return seq, out, done, rng, i
+
+
+# -- host-side driver ----------------------------------------------------------------
+
+_jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len"))
+_jit_decode = jax.jit(decode_loop, static_argnames=("cfg", "opts"), donate_argnums=(2,))
+_jit_no_cache = jax.jit(_no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len"))
+_jit_features = jax.jit(lambda params, pixels, cfg: image_features(params, cfg, pixels),
+                        static_argnames=("cfg",))
+
+
+@dataclasses.dataclass
+class GenResult:
+    tokens: np.ndarray                 # [B, max_new] (pad after EOS)
+    new_token_ids: list[list[int]]      # per sequence, cut before EOS
+    image_tokens_kept: np.ndarray       # [B] (0 for text-only)
+    kept_image_indices: list[Optional[list[int]]]
+    generated_tokens_in_cache: np.ndarray  # [B] generated tokens kept in the sparse caches
+    kv_cache_bytes: int                 # allocated for this batch in this mode
+    kv_cache_bytes_dense: int           # what dense mode would allocate
+    evicted: np.ndarray                 # [B] a budgeted cache replaced a token
+
+
+def _kv_bytes(cfg, opts, b, t, compact_len, dt) -> tuple[int, int]:
+    l = _layer_split(cfg)
+    dense_slots = t + opts.max_new_tokens
+    dense = kv_cache.cache_bytes(cfg.llm.num_layers, b, dense_slots, cfg, dt)
+    if not opts.use_cache:
+        return 0, dense
+    cap = kv_cache.sparse_capacity(compact_len, opts.max_new_tokens,
+                                   opts.text_kv_budget if opts.prune_text(cfg) else 1.0)
+    return (kv_cache.cache_bytes(l, b, dense_slots, cfg, dt)
+            + kv_cache.cache_bytes(cfg.llm.num_layers - l, b, cap + 1, cfg, dt)), dense
+
+
+def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray],
+             opts: GenOptions, rng=None, temperature: float = 1.0, top_p: float = 1.0) -> GenResult:
+    """Generate for a right-padded batch (see inputs.prepare_batch)."""
+    if opts.mode not in ("dense", "dynamic"):
+        raise ValueError(f"mode must be 'dense' or 'dynamic', not {opts.mode!r}")
+    if opts.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    b, t = batch.tokens.shape
+    has_img = batch.image_start >= 0
+    if pixels is None and has_img.any():
+        raise ValueError("the batch has image markers but no pixels")
+    if pixels is not None and not has_img.any():
+        pixels = None
+    tokens, lengths = jnp.asarray(batch.tokens), jnp.asarray(batch.lengths)
+    image_start = jnp.asarray(batch.image_start)
+    dt = compute_dtype(cfg)
+    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+    if opts.use_cache:
+        clen = compacted_length(batch, cfg, opts)
+        logits, state = _jit_prefill(params, tokens, lengths, image_start, pixels, cfg=cfg,
+                                     opts=opts, compact_len=clen)
+        out, stats = _jit_decode(params, logits, state, rng, temperature, top_p, cfg=cfg, opts=opts)
+        image_keep = np.asarray(stats["image_keep"])
+        in_cache = np.asarray(stats["generated_in_cache"])
+        evicted = np.asarray(stats["evicted"])
+    else:
+        out, image_keep, in_cache = _generate_no_cache(params, cfg, opts, batch, tokens, lengths,
+                                                        image_start, pixels, rng, temperature, top_p)
+        clen = compacted_length(batch, cfg, opts)
+        evicted = np.zeros((b,), bool)
+    out = np.asarray(out)
+    new_ids = []
+    for row in out:
+        ids = row.tolist()
+        new_ids.append(ids[: ids.index(cfg.eos_token_id)] if cfg.eos_token_id in ids else ids)
+    kept_idx = [np.nonzero(image_keep[i])[0].tolist() if has_img[i] else None for i in range(b)]
+    kept = np.array([len(k) if k is not None else 0 for k in kept_idx])
+    allocated, dense = _kv_bytes(cfg, opts, b, t, clen, dt)
+    return GenResult(out, new_ids, kept, kept_idx, in_cache, allocated, dense, evicted)
+
+
+def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, pixels, rng,
+                       temperature, top_p):
+    b, t = batch.tokens.shape
+    n = opts.max_new_tokens
+    feats = _jit_features(params, pixels, cfg=cfg) if pixels is not None else None
+    clen = compacted_length(batch, cfg, opts)
+    seq = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=cfg.pad_token_id)
+    out = jnp.zeros((b, n), jnp.int32)
+    done = jnp.zeros((b,), bool)
+    start = 0
+    bucket = max(1, opts.no_cache_bucket)
+    while start < n:
+        stop = min(n, (start // bucket + 1) * bucket)
+        # At step i a sequence holds lengths + i tokens: the longest is t + stop - 1.
+        seq, out, done, rng, i = _jit_no_cache(
+            params, seq, lengths, image_start, feats, out, done, rng, temperature, top_p,
+            jnp.int32(start), jnp.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
+            compact_len=clen + stop)
+        if bool(jnp.all(done)):
+            break
+        start = stop
+    # Decisions of the final sequence, for the stats (same rule as every step).
+    image_keep, in_cache = _no_cache_stats(params, seq, lengths, image_start, feats, out, cfg=cfg,
+                                           opts=opts)
+    return out, np.asarray(image_keep), np.asarray(in_cache)
+
+
+def _no_cache_stats_impl(params, seq, lengths, image_start, feats, out, *, cfg, opts):
+    dt = compute_dtype(cfg)
+    b, t = seq.shape
+    pre, _ = split_layers(params["llm"]["layers"], _layer_split(cfg))
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    n_out = jnp.where(out == cfg.eos_token_id, 0, 1).cumprod(-1).sum(-1)  # tokens before EOS
+    cur = lengths + jnp.minimum(n_out + 1, out.shape[1])
+    valid = pos < cur[:, None]
+    x = embed_inputs(params, cfg, seq, feats, image_start)
+    x, _ = run_stack(pre, cfg.llm, dt, x, pos, causal_mask(valid))
+    _, keep_n = _image_keep(params, cfg, opts, x, image_start, t)
+    gen_keep, _ = _text_keep(params, cfg, opts, x)
+    # Generated tokens that were fed back: all but the last generated one.
+    fed = (pos >= lengths[:, None]) & (pos < (lengths + jnp.minimum(n_out, out.shape[1] - 1))[:, None])
+    return keep_n, (fed & gen_keep).sum(-1)
+
+
+_no_cache_stats = jax.jit(_no_cache_stats_impl, static_argnames=("cfg", "opts"))
