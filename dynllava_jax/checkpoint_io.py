@@ -1,10 +1,29 @@
-"""Reading PyTorch checkpoints shard by shard (safetensors or .bin, single or sharded)."""
+"""Reading PyTorch checkpoints tensor by tensor (safetensors or .bin, single or sharded).
+
+Neither format is memory-mapped: each tensor is read with plain file reads into its own
+NumPy buffer, in the dtype it is stored in, so converting a 7B checkpoint holds one tensor
+at a time on top of the converted model. Both readers are small and need no torch:
+- safetensors: an 8-byte header length, a JSON header (name -> dtype, shape, byte range),
+  then the raw little-endian data.
+- `torch.save` zip files (`pytorch_model*.bin`): `<archive>/data.pkl` pickles the state
+  dict with tensors as `torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+  ...)` and storages as persistent ids `('storage', torch.HalfStorage, key, location,
+  numel)`; each storage is the uncompressed zip member `<archive>/data/<key>`. A
+  restricted unpickler records where each tensor lives without reading its data.
+Files in the legacy (pre-1.6, non-zip) format fall back to `torch.load`.
+"""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
+import os
+import pickle
+import struct
+import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -13,54 +32,263 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or converted; the message says why."""
 
 
+def _bf16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# -- which files ---------------------------------------------------------------
+
 def weight_files(src: Path) -> list[Path]:
     """The weight files of a checkpoint directory, in shard order."""
+    src = Path(src)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (src / index).exists():
-            wm = json.loads((src / index).read_text())["weight_map"]
+            try:
+                wm = json.loads((src / index).read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{src / index} is not a valid shard index: {e}") from e
             files = sorted(set(wm.values()))
             missing = [f for f in files if not (src / f).exists()]
             if missing:
                 raise CheckpointError(f"{src / index} names shards that are missing: {missing}")
             return [src / f for f in files]
-    for pattern in ("*.safetensors", "*.bin"):
-        files = sorted(p for p in src.glob(pattern) if p.is_file())
-        if files:
-            return files
+    # Unindexed: one file (or shards without an index). Skip what is not model weights:
+    # LoRA adapters, a stage-1 `mm_projector.bin`, `training_args.bin`, optimizer states.
+    files = sorted(p for p in src.glob("*.safetensors")
+                   if p.is_file() and not p.name.startswith("adapter"))
+    if not files:
+        files = sorted(p for p in src.glob("pytorch_model*.bin") if p.is_file())
+    if files:
+        return files
     raise CheckpointError(f"no weights in {src}: expected *.safetensors or pytorch_model*.bin")
 
 
-def tensor_names(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """name -> (shape, file) without loading the tensors where the format allows it."""
-    out: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    out[k] = (tuple(h.get_slice(k).get_shape()), f)
-        else:
-            for k, t in _torch_load(f).items():
-                out[k] = (tuple(t.shape), f)
+# -- where each tensor lives -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor inside a file: its bytes start at `offset`; `stride` in elements."""
+
+    file: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    stride: Optional[tuple[int, ...]] = None  # None: C-contiguous
+
+    def load(self) -> np.ndarray:
+        shape = tuple(self.shape)
+        n = int(np.prod(shape, dtype=np.int64))
+        item = self.dtype.itemsize
+        contiguous = self.stride is None or _is_c_contiguous(shape, self.stride)
+        span = n if contiguous else (
+            1 + sum((s - 1) * st for s, st in zip(shape, self.stride)) if n else 0)
+        buf = np.empty(span, self.dtype)
+        _read_into(self.file, self.offset, buf.view(np.uint8))
+        if contiguous:
+            return buf.reshape(shape)
+        view = np.lib.stride_tricks.as_strided(
+            buf, shape, tuple(st * item for st in self.stride), writeable=False)
+        return np.ascontiguousarray(view)
+
+
+def _is_c_contiguous(shape, stride) -> bool:
+    expect = 1
+    for s, st in zip(reversed(shape), reversed(stride)):
+        if s != 1 and st != expect:
+            return False
+        expect *= s
+    return True
+
+
+def _read_into(path: Path, offset: int, out_u8: np.ndarray) -> None:
+    chunk = 1 << 28
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        mv = memoryview(out_u8)
+        done = 0
+        while done < len(mv):
+            got = fh.readinto(mv[done: done + chunk])
+            if not got:
+                raise CheckpointError(f"{path} is truncated (a tensor ends past the end of the file)")
+            done += got
+        if hasattr(os, "posix_fadvise"):  # the page cache need not keep what we have read
+            os.posix_fadvise(fh.fileno(), offset, len(mv), os.POSIX_FADV_DONTNEED)
+
+
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _safetensors_refs(f: Path) -> dict[str, TensorRef]:
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"cannot read {f}: not a safetensors file ({e})") from e
+    size = f.stat().st_size
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        dt = _bf16() if v["dtype"] == "BF16" else _ST_DTYPES.get(v["dtype"])
+        if dt is None:
+            raise CheckpointError(f"{f}: tensor {k} has unsupported dtype {v['dtype']}")
+        begin, end = v["data_offsets"]
+        shape = tuple(v["shape"])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize \
+                or 8 + n + end > size:
+            raise CheckpointError(f"{f}: tensor {k} has an inconsistent byte range (truncated file?)")
+        out[k] = TensorRef(f, 8 + n + begin, np.dtype(dt), shape)
     return out
+
+
+_TORCH_STORAGES = {"HalfStorage": np.float16, "FloatStorage": np.float32,
+                   "DoubleStorage": np.float64, "BFloat16Storage": "bf16",
+                   "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+                   "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+    key: str
+    dtype: np.dtype
+
+
+class _StorageType:
+    def __init__(self, name):
+        self.name = name
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_):
+    return ("tensor", storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, *_):
+    return data
+
+
+class _LazyUnpickler(pickle.Unpickler):
+    """Unpickles a torch state dict into placeholders; refuses any other global."""
+
+    def find_class(self, module, name):
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _TORCH_STORAGES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(f"unsupported global {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        stype = pid[1]
+        if not isinstance(stype, _StorageType):
+            raise pickle.UnpicklingError(f"unsupported storage type {stype!r}")
+        dt = _TORCH_STORAGES[stype.name]
+        return _Storage(str(pid[2]), _bf16() if dt == "bf16" else np.dtype(dt))
+
+
+def _member_data_offset(fh, info: zipfile.ZipInfo) -> int:
+    fh.seek(info.header_offset)
+    local = fh.read(30)
+    if local[:4] != b"PK\x03\x04":
+        raise CheckpointError("bad zip local header")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _torch_zip_refs(f: Path) -> Optional[dict[str, TensorRef]]:
+    """Tensor refs of a torch zip file; None where the lazy reader cannot handle it."""
+    if not zipfile.is_zipfile(f):
+        return None
+    try:
+        with zipfile.ZipFile(f) as zf:
+            pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pkls) != 1:
+                return None
+            prefix = pkls[0][: -len("data.pkl")]
+            byteorder = prefix + "byteorder"
+            if byteorder in zf.namelist() and zf.read(byteorder).strip() != b"little":
+                return None
+            state = _LazyUnpickler(zf.open(pkls[0])).load()
+            infos = {i.filename: i for i in zf.infolist()}
+            out, offsets = {}, {}
+            with open(f, "rb") as fh:
+                for k, v in state.items():
+                    if not (isinstance(v, tuple) and v and v[0] == "tensor"):
+                        return None
+                    _, st, off, size, stride = v
+                    if st.key not in offsets:
+                        info = infos.get(f"{prefix}data/{st.key}")
+                        if info is None or info.compress_type != zipfile.ZIP_STORED:
+                            return None
+                        offsets[st.key] = _member_data_offset(fh, info)
+                    out[k] = TensorRef(f, offsets[st.key] + off * st.dtype.itemsize, st.dtype,
+                                       size, None if _is_c_contiguous(size, stride) else stride)
+            return out
+    except (pickle.UnpicklingError, zipfile.BadZipFile, AttributeError, KeyError, TypeError,
+            ValueError, EOFError):
+        return None
 
 
 def _torch_load(f: Path):
     import torch
     try:
-        return torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(str(f), map_location="cpu", weights_only=True,
+                          mmap=zipfile.is_zipfile(f))
     except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
         raise CheckpointError(f"cannot read {f}: {e}") from e
 
 
-def iter_tensors(f: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, float32 numpy array) for each tensor of one file, one at a time."""
-    import torch
+def _file_refs(f: Path) -> Optional[dict[str, TensorRef]]:
     if f.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                yield k, h.get_tensor(k).to(torch.float32).numpy()
-    else:
-        for k, t in _torch_load(f).items():
-            yield k, t.to(torch.float32).numpy()
+        return _safetensors_refs(f)
+    return _torch_zip_refs(f)
+
+
+def tensor_names(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """name -> (shape, file), reading only headers where the format allows it."""
+    out: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for f in files:
+        refs = _file_refs(f)
+        if refs is not None:
+            items = ((k, r.shape) for k, r in refs.items())
+        else:
+            items = ((k, tuple(t.shape)) for k, t in _torch_load(f).items())
+        for k, shape in items:
+            if k in out:
+                raise CheckpointError(f"tensor {k} is stored twice ({out[k][1].name} and {f.name})")
+            out[k] = (tuple(shape), f)
+    return out
+
+
+def iter_tensors(f: Path, native: bool = False,
+                 names: Optional[set[str]] = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, numpy array) for each tensor of one file (only `names` if given), one at a time.
+
+    Arrays are float32 unless `native`, which keeps the stored dtype (float16, bfloat16,
+    ...) so the caller can cast straight into its destination without a float32 copy.
+    """
+    refs = _file_refs(f)
+    if refs is not None:
+        for k, r in refs.items():
+            if names is not None and k not in names:
+                continue
+            a = r.load()
+            yield k, a if native else a.astype(np.float32)
+        return
+    import torch
+    for k, t in _torch_load(f).items():
+        if names is not None and k not in names:
+            continue
+        if native and t.dtype == torch.bfloat16:
+            yield k, t.view(torch.int16).numpy().view(_bf16())
+        else:
+            yield k, (t if native else t.to(torch.float32)).numpy()

@@ -182,13 +182,19 @@ def _sparse_config(sc: Optional[dict]) -> SparseConfig:
     return SparseConfig(enabled=True, **kw)
 
 
+def _check_act(c: dict, key: str, want: str, what: str) -> None:
+    if c.get(key, want) != want:
+        raise CheckpointError(f"{what} uses {key} {c[key]!r}; only {want!r} is supported")
+
+
 def vision_from_shapes(shapes: dict[str, tuple], prefix: str, select_layer: int,
                        heads_from: Optional[VisionConfig]) -> VisionConfig:
     """The tower's config from its tensor shapes (heads come from a known config)."""
     pe = shapes[prefix + "embeddings.patch_embedding.weight"]
     pos = shapes[prefix + "embeddings.position_embedding.weight"]
     fc1 = shapes[prefix + "encoder.layers.0.mlp.fc1.weight"]
-    nl = len({k.split(".")[3] for k in shapes if k.startswith(prefix + "encoder.layers.")})
+    layers = prefix + "encoder.layers."
+    nl = len({k[len(layers):].split(".")[0] for k in shapes if k.startswith(layers)})
     side = int(round((pos[0] - 1) ** 0.5)) * pe[2]
     cfg = VisionConfig(image_size=side, patch_size=pe[2], hidden_size=pe[0], num_layers=nl,
                        num_heads=heads_from.num_heads if heads_from else 0,
@@ -206,6 +212,7 @@ class Source:
     ignored: list[str]
     preprocessor: dict
     tokenizer_dir: Path
+    vision_source: str = ""  # where the vision tower's weights come from, for the summary
 
 
 def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
@@ -214,10 +221,19 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
         raise CheckpointError(f"checkpoint directory not found: {src}")
     if not (src / "config.json").exists():
         raise CheckpointError(f"{src} has no config.json")
-    hf = json.loads((src / "config.json").read_text())
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{src / 'config.json'} is not valid JSON: {e}") from e
     layout = detect_layout(hf)
     raw = tensor_names(weight_files(src))
-    tensors = {canonical_name(k, layout): (shape, f, k) for k, (shape, f) in raw.items()}
+    tensors = {}
+    for k, (shape, f) in raw.items():
+        canon = canonical_name(k, layout)
+        if canon in tensors:
+            raise CheckpointError(f"tensors {tensors[canon][2]!r} and {k!r} are the same weight "
+                                  f"({canon}); the checkpoint mixes two layouts")
+        tensors[canon] = (shape, f, k)
 
     if layout == "llava-hf":
         text = hf.get("text_config") or {}
@@ -227,6 +243,8 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
             raise CheckpointError("only vision_feature_select_strategy 'default' (drop CLS) is supported")
         if hf.get("projector_hidden_act", "gelu") != "gelu":
             raise CheckpointError("only the mlp2x_gelu projector is supported")
+        _check_act(text, "hidden_act", "silu", "the LLM")
+        _check_act(hf.get("vision_config") or {}, "hidden_act", "quick_gelu", "the vision tower")
         vision = _vision_config(hf.get("vision_config") or {}, sel)
         sparse = SparseConfig(enabled=False)
         image_token = -200
@@ -236,6 +254,12 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
         if hf.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
             raise CheckpointError(f"projector {hf.get('mm_projector_type')!r} is not supported (mlp2x_gelu only)")
         sel = hf.get("mm_vision_select_layer", -2)
+        _check_act(hf, "hidden_act", "silu", "the LLM")
+        if hf.get("mm_vision_select_feature", "patch") != "patch":
+            raise CheckpointError("only mm_vision_select_feature 'patch' (drop CLS) is supported")
+        hub = hf.get("mm_vision_tower")
+        if vision_tower is None and isinstance(hub, str) and (Path(hub) / "config.json").is_file():
+            vision_tower = Path(hub)  # original configs may name a local CLIP directory
         sparse = _sparse_config(hf.get("sparse_config"))
         vision, pre_path = None, None
         image_token = -200
@@ -245,6 +269,7 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
         if not (vt / "config.json").exists():
             raise CheckpointError(f"--vision-tower {vt}: no config.json (a CLIP vision directory is expected)")
         vcfg = json.loads((vt / "config.json").read_text())
+        _check_act(vcfg.get("vision_config", vcfg), "hidden_act", "quick_gelu", "the vision tower")
         vision = _vision_config(vcfg.get("vision_config", vcfg), sel)
         pre_path = vt / "preprocessor_config.json"
         tensors = {k: v for k, v in tensors.items() if not k.startswith(VISION_PREFIX)}
@@ -287,7 +312,9 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
     ignored = [k for k in tensors if any(re.fullmatch(p, k) for p in IGNORED)]
     for k in ignored:
         tensors.pop(k)
-    return Source(layout, cfg, tensors, ignored, preprocessor, src)
+    vision_source = (f"{vision_tower} (CLIP directory)" if vision_tower is not None
+                     else "inside the checkpoint")
+    return Source(layout, cfg, tensors, ignored, preprocessor, src, vision_source)
 
 
 def check_names(src: Source, nmap: dict[str, Target], expected_shapes: dict[str, tuple]) -> None:
@@ -295,16 +322,22 @@ def check_names(src: Source, nmap: dict[str, Target], expected_shapes: dict[str,
     have, want = set(src.tensors), set(nmap)
     if src.config.llm.tie_word_embeddings and "lm_head.weight" not in have:
         want.discard("lm_head.weight")
+    def shown(k):  # the name in the file, and the canonical name where they differ
+        orig = src.tensors[k][2]
+        return k if orig == k else f"{orig} (= {k})"
+
     missing = sorted(want - have)
-    unexpected = sorted(have - want)
-    bad = sorted(f"{k}: {tuple(src.tensors[k][0])} != expected {expected_shapes[k]}"
+    unexpected = sorted(shown(k) for k in have - want)
+    bad = sorted(f"{shown(k)}: {tuple(src.tensors[k][0])} != expected {expected_shapes[k]}"
                  for k in want & have if tuple(src.tensors[k][0]) != expected_shapes[k])
     if missing or unexpected or bad:
         lines = []
+        note = "" if src.layout == "original" else " (original LLaVA names)"
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
             if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"{len(items)} {title} tensor(s):\n  " + "\n  ".join(shown))
+                listed = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                suffix = note if title == "missing" else ""
+                lines.append(f"{len(items)} {title} tensor(s){suffix}:\n  " + "\n  ".join(listed))
         raise CheckpointError("checkpoint does not match the model config; nothing was written.\n"
                               + "\n".join(lines))
 
@@ -328,9 +361,30 @@ def expected_torch_shapes(cfg: ModelConfig, nmap: dict[str, Target]) -> dict[str
     return out
 
 
+def _assign(dest: np.ndarray, arr: np.ndarray, fn) -> None:
+    """dest[...] = fn(arr), cast from the stored dtype with no whole-tensor temporary.
+
+    Transposes go in blocks of rows, each cast first (contiguous) and then transposed into
+    place: about 4x faster than one strided cast over a large matrix.
+    """
+    if fn is T and arr.ndim == 2 and arr.size > (1 << 20):
+        rows = 256
+        for i in range(0, arr.shape[0], rows):
+            np.copyto(dest[:, i: i + rows], arr[i: i + rows].astype(dest.dtype).T)
+    else:
+        np.copyto(dest, fn(arr), casting="unsafe")
+
+
 def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path] = None,
-            dtype: str = "float32", force: bool = False, progress: bool = True) -> ModelConfig:
-    """Convert a PyTorch checkpoint directory into a converted directory at `dst`."""
+            dtype: str = "float32", force: bool = False, progress: bool = True,
+            info: Optional[dict] = None) -> ModelConfig:
+    """Convert a PyTorch checkpoint directory into a converted directory at `dst`.
+
+    Peak memory is the converted params (preallocated in the target dtype) plus one source
+    tensor: tensors are read one at a time in their stored dtype and cast in place, and the
+    Orbax save does not copy host arrays. `info`, when given, is filled with a summary
+    (layout, params count, predictors, ignored tensors, dst) for the caller to print.
+    """
     import ml_dtypes
     from tqdm import tqdm
     from .checkpoint import CheckpointDirError, save_converted
@@ -359,7 +413,8 @@ def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path]
     orig_to_canon = {(f, orig): canon for canon, (_, f, orig) in source.tensors.items()}
     bar = tqdm(total=len(source.tensors), desc="converting", unit="tensor", disable=not progress)
     for f in sorted(by_file):
-        for name, arr in iter_tensors(f):
+        wanted = {source.tensors[canon][2] for canon in by_file[f]}
+        for name, arr in iter_tensors(f, native=True, names=wanted):
             canon = orig_to_canon.get((f, name))
             if canon is None:
                 continue
@@ -367,15 +422,20 @@ def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path]
             leaf = params
             for p in t.path[:-1]:
                 leaf = leaf[p]
-            value = t.fn(arr).astype(np_dtype)
-            if t.layer is None:
-                leaf[t.path[-1]] = value
-            else:
-                leaf[t.path[-1]][t.layer] = value
+            dest = leaf[t.path[-1]] if t.layer is None else leaf[t.path[-1]][t.layer]
+            _assign(dest, arr, t.fn)
+            del arr
             filled.add(canon)
             bar.update(1)
     bar.close()
     if cfg.llm.tie_word_embeddings and "lm_head.weight" not in filled:
         params["llm"]["lm_head"]["kernel"] = params["llm"]["embed_tokens"]["embedding"].T.copy()
-    save_converted(dst, params, cfg, source.preprocessor, source.tokenizer_dir, force=force)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    out = save_converted(dst, params, cfg, source.preprocessor, source.tokenizer_dir, force=force)
+    if info is not None:
+        info.update(
+            layout=source.layout, params=n_params, dtype=dtype, dst=str(out),
+            predictors=[k for k in ("image_predictor", "text_predictor") if k in params],
+            ignored=list(source.ignored), files=len(by_file),
+            vision_tower=source.vision_source)
     return cfg

@@ -41,15 +41,17 @@ def _content(token) -> str | None:
 
 
 def _load_without_dummy_prefix(model_file: Path) -> spm.SentencePieceProcessor:
-    """Load the model with ``add_dummy_prefix`` off, as 4.37 does for legacy=False."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as model_pb2
-    except ImportError as e:  # protobuf missing
-        raise ImportError("legacy=False tokenizers need the `protobuf` package") from e
-    proto = model_pb2.ModelProto.FromString(model_file.read_bytes())
-    proto.normalizer_spec.add_dummy_prefix = False
+    """Load the model with ``add_dummy_prefix`` off, as 4.37 does for legacy=False.
+
+    Protobuf merges repeated occurrences of a message field, so appending a
+    second ``normalizer_spec`` (field 3) holding only ``add_dummy_prefix``
+    (field 3, false) overrides the flag. Editing the wire bytes avoids the
+    protobuf package and its descriptor-pool clashes with transformers' copy
+    of ``sentencepiece_model.proto``.
+    """
+    override = bytes([(3 << 3) | 2, 2, (3 << 3) | 0, 0])
     sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(proto.SerializeToString())
+    sp.LoadFromSerializedProto(model_file.read_bytes() + override)
     return sp
 
 
