@@ -16,7 +16,6 @@ masked, so a batch equals its sequences run one by one.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Optional
 
 import jax
@@ -31,10 +30,6 @@ from .model import (compute_dtype, embed_inputs, image_features, image_scores,
                     image_token_mask, lm_logits, text_scores)
 from .sampling import sample
 from .sparsity import compaction_indices, gather_tokens, topk_keep_mask
-
-# The decode state is donated so the caches are updated in place; its small bookkeeping
-# arrays cannot always be reused, which JAX reports as a warning that means nothing here.
-warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 TRACES = {"prefill": 0, "decode": 0, "no_cache": 0}  # trace counters (tests check compiles)
 
@@ -121,13 +116,14 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
     count = cvalid.sum(-1).astype(jnp.int32)
     cap = kv_cache.sparse_capacity(compact_len, opts.max_new_tokens,
                                    opts.text_kv_budget if opts.prune_text(cfg) else 1.0)
-    sparse_c = kv_cache.init_caches(cfg.llm.num_layers - l, b, cap + 1, cfg, dt)
+    # The scratch slot is needed only when the predictor can drop a token.
+    sparse_c = kv_cache.init_caches(cfg.llm.num_layers - l, b, cap + opts.prune_text(cfg), cfg, dt)
     slots = jnp.broadcast_to(jnp.arange(compact_len, dtype=jnp.int32)[None], (b, compact_len))
     xc, sparse_c = run_stack(post, cfg.llm, dt, xc, posc, causal_mask(cvalid), sparse_c, slots)
     logits = lm_logits(params, cfg, _last(xc, count))
     score = jnp.where(jnp.arange(cap + 1)[None] < count[:, None], jnp.inf, -jnp.inf)
     state = {"dense": dense_c, "sparse": sparse_c, "dense_len": lengths.astype(jnp.int32),
-             "sparse_len": count, "score": score, "next_pos": lengths.astype(jnp.int32),
+             "sparse_len": count, "sparse_limit": count + (cap - compact_len), "score": score, "next_pos": lengths.astype(jnp.int32),
              "evicted": jnp.zeros((b,), bool), "image_keep": keep_n}
     return logits, state
 
@@ -146,7 +142,7 @@ def decode_step(params, token_B, state, *, cfg: ModelConfig, opts: GenOptions):
     keep, score = _text_keep(params, cfg, opts, x[:, 0])
     s_slots = state["sparse"]["k"].shape[2]
     slot, s_len, s_score, evicted = kv_cache.sparse_append(
-        state["sparse_len"], state["score"], keep, score, s_slots - 1)
+        state["sparse_len"], state["score"], keep, score, state["sparse_limit"])
     x, sparse_c = run_stack(post, cfg.llm, dt, x, pos, kv_cache.visible(s_slots, state["sparse_len"], slot),
                             state["sparse"], slot[:, None], attend_cache=True)
     logits = lm_logits(params, cfg, x[:, 0])
@@ -234,7 +230,7 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, te
 # -- host-side driver ----------------------------------------------------------------
 
 _jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len"))
-_jit_decode = jax.jit(decode_loop, static_argnames=("cfg", "opts"), donate_argnums=(2,))
+_jit_decode = jax.jit(decode_loop, static_argnames=("cfg", "opts"))
 _jit_no_cache = jax.jit(_no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len"))
 _jit_features = jax.jit(lambda params, pixels, cfg: image_features(params, cfg, pixels),
                         static_argnames=("cfg",))
@@ -261,7 +257,7 @@ def _kv_bytes(cfg, opts, b, t, compact_len, dt) -> tuple[int, int]:
     cap = kv_cache.sparse_capacity(compact_len, opts.max_new_tokens,
                                    opts.text_kv_budget if opts.prune_text(cfg) else 1.0)
     return (kv_cache.cache_bytes(l, b, dense_slots, cfg, dt)
-            + kv_cache.cache_bytes(cfg.llm.num_layers - l, b, cap + 1, cfg, dt)), dense
+            + kv_cache.cache_bytes(cfg.llm.num_layers - l, b, cap + opts.prune_text(cfg), cfg, dt)), dense
 
 
 def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray],

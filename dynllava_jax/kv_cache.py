@@ -44,18 +44,22 @@ def visible(slots: int, length_B, write_slot_B):
     return ((s < length_B[:, None]) | (s == write_slot_B[:, None]))[:, None, :]
 
 
-def sparse_append(length_B, score_BS, keep_B, score_B, capacity: int):
+def sparse_append(length_B, score_BS, keep_B, score_B, limit_B):
     """Where a decoding token goes in the sparse caches, and the new bookkeeping.
 
     keep_B: the predictor keeps the token; score_B: its keep score (log-prob of keep).
-    score_BS: scores of the slots (+inf for prompt tokens, which are never evicted).
+    score_BS: scores of the slots (+inf for prompt tokens, which are never evicted); its
+    last slot is the scratch slot. limit_B: slots a sequence may fill (its own prompt plus
+    the generated-token budget), so its output never depends on the rest of the batch.
     Returns (write_slot_B, new_length_B, new_score_BS, evicted_B).
     A kept token goes to slot `length` while there is room; in a full cache it replaces
     the lowest-scoring generated token if it scores higher; otherwise it goes to the
-    scratch slot `capacity` and is gone after this step.
+    scratch slot and is gone after this step.
     """
-    room = length_B < capacity
-    low = jnp.argmin(score_BS[:, :capacity], axis=-1)
+    capacity = score_BS.shape[1] - 1
+    room = length_B < limit_B
+    in_use = jnp.arange(capacity)[None, :] < length_B[:, None]
+    low = jnp.argmin(jnp.where(in_use, score_BS[:, :capacity], jnp.inf), axis=-1)
     low_score = jnp.take_along_axis(score_BS, low[:, None], axis=-1)[:, 0]
     replace = keep_B & ~room & (score_B > low_score)
     slot = jnp.where(keep_B & room, length_B, jnp.where(replace, low, capacity))

@@ -1,0 +1,93 @@
+"""Answering image questions with a converted checkpoint (what `infer.py` runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from .checkpoint import load_converted
+from .conversation import build_prompt
+from .generate import GenOptions, GenResult, generate
+from .image_processing import ImageProcessor
+from .inputs import InputError, expanded_length, prepare_batch, round_up
+from .tokenizer import LlavaTokenizer
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "tiny-dynamic-llava"
+PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: one compile serves many calls
+
+
+@dataclasses.dataclass
+class Request:
+    question: str
+    image: Optional[str] = None  # path; None for a text-only question
+
+
+class Llava:
+    """A converted checkpoint with its tokenizer and image processor."""
+
+    def __init__(self, checkpoint: str | Path = DEFAULT_CHECKPOINT):
+        self.path = Path(checkpoint)
+        self.cfg, self.params = load_converted(self.path)
+        self.params = jax.device_put(self.params)
+        self.tokenizer = LlavaTokenizer.from_dir(self.path)
+        self.images = ImageProcessor.from_dir(self.path)
+
+    @property
+    def has_predictors(self) -> bool:
+        return self.cfg.sparse.enabled
+
+    def max_prompt_tokens(self, max_new_tokens: int) -> int:
+        return self.cfg.llm.max_position_embeddings - max_new_tokens
+
+    def prompt_ids(self, req: Request) -> list[int]:
+        return self.tokenizer.tokenize_prompt(build_prompt(req.question, has_image=req.image is not None))
+
+    def answer(self, requests: Sequence[Request], opts: GenOptions, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0) -> list[dict]:
+        """Answer a batch; one dict per request (the fields of `infer.py --json`)."""
+        ids = [self.prompt_ids(r) for r in requests]
+        n_img = self.cfg.num_image_tokens
+        limit = self.max_prompt_tokens(opts.max_new_tokens)
+        for r, p in zip(requests, ids):
+            if expanded_length(p, n_img) > limit:
+                raise InputError(
+                    f"prompt of {expanded_length(p, n_img)} tokens (image included) does not fit: "
+                    f"the model holds {self.cfg.llm.max_position_embeddings} positions and "
+                    f"{opts.max_new_tokens} are reserved for the answer")
+        pixels = None
+        if any(r.image is not None for r in requests):
+            s = self.images.image_size
+            pixels = np.zeros((len(requests), 3, s, s), np.float32)
+            for i, r in enumerate(requests):
+                if r.image is not None:
+                    pixels[i] = self.images.load(r.image)
+        longest = max(expanded_length(p, n_img) for p in ids)
+        pad_to = min(round_up(longest, PROMPT_BUCKET), limit)
+        batch = prepare_batch(ids, n_img, self.tokenizer.pad_id, pad_to=pad_to)
+        res: GenResult = generate(self.params, self.cfg, batch, pixels, opts,
+                                  rng=jax.random.PRNGKey(seed), temperature=temperature, top_p=top_p)
+        out = []
+        for i, r in enumerate(requests):
+            out.append({
+                "text": self.tokenizer.decode(res.new_token_ids[i]).strip(),
+                "token_ids": res.new_token_ids[i],
+                "prompt_token_ids": ids[i],
+                "mode": opts.mode if opts.use_cache else f"{opts.mode}-no-kv-cache",
+                "image_tokens_kept": int(res.image_tokens_kept[i]),
+                "image_tokens_total": n_img if r.image is not None else 0,
+                "kept_image_indices": res.kept_image_indices[i],
+                "generated_tokens_in_cache": int(res.generated_tokens_in_cache[i]),
+                "kv_cache_evicted": bool(res.evicted[i]),
+                "kv_cache_bytes": res.kv_cache_bytes,
+                "kv_cache_bytes_dense": res.kv_cache_bytes_dense,
+            })
+        return out
+
+
+def batched(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
