@@ -395,7 +395,7 @@ def test_bfloat16_conversion():
 
 
 def test_greedy_generation_matches_pytorch():
-    """16 greedy tokens: transformers' generate vs recomputing forward_dense each step."""
+    """16 greedy tokens: transformers' generate vs forward_dense each step and vs generate()."""
     n_new = 16
     model = hf_model()[0]
     cfg, params = converted("hf")
@@ -425,3 +425,11 @@ def test_greedy_generation_matches_pytorch():
             s.append(int(t))
     got = [s[len(p):] for s, p in zip(seqs, prompts)]
     assert got == want
+    # The real generation code: compiled prefill + decode loop, with and without a KV cache.
+    from dynllava_jax.generate import GenOptions, generate
+    eos = cfg.eos_token_id
+    want_cut = [w[: w.index(eos)] if eos in w else w for w in want]
+    for use_cache in (True, False):
+        res = generate(params, cfg, base, px, GenOptions(max_new_tokens=n_new, mode="dense",
+                                                          use_cache=use_cache))
+        assert res.new_token_ids == want_cut, use_cache
