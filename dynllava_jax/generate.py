@@ -24,7 +24,7 @@ import numpy as np
 
 from . import kv_cache
 from .config import ModelConfig
-from .inputs import Batch
+from .inputs import Batch, round_up
 from .llama import causal_mask, run_stack, split_layers
 from .model import (compute_dtype, embed_inputs, image_features, image_scores,
                     image_token_mask, lm_logits, text_scores)
@@ -128,8 +128,11 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
     return logits, state
 
 
-def decode_step(params, token_B, state, *, cfg: ModelConfig, opts: GenOptions):
-    """Feed one token per sequence through every layer; returns (logits [B,V], state)."""
+def decode_step(params, token_B, state, active_B=None, *, cfg: ModelConfig, opts: GenOptions):
+    """Feed one token per sequence through every layer; returns (logits [B,V], state).
+
+    active_B False marks sequences that already ended (EOS): their tokens never enter the
+    sparse caches, so the cache statistics count only real answers."""
     dt = compute_dtype(cfg)
     l = _layer_split(cfg)
     pre, post = split_layers(params["llm"]["layers"], l)
@@ -140,6 +143,8 @@ def decode_step(params, token_B, state, *, cfg: ModelConfig, opts: GenOptions):
     x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, kv_cache.visible(d_slots, d_slot, d_slot),
                            state["dense"], d_slot[:, None], attend_cache=True)
     keep, score = _text_keep(params, cfg, opts, x[:, 0])
+    if active_B is not None:
+        keep = keep & active_B
     s_slots = state["sparse"]["k"].shape[2]
     slot, s_len, s_score, evicted = kv_cache.sparse_append(
         state["sparse_len"], state["score"], keep, score, state["sparse_limit"])
@@ -170,7 +175,7 @@ def decode_loop(params, first_logits, state, rng, temperature, top_p, *, cfg: Mo
 
     def body(c):
         i, tok, out, done, state, rng = c
-        logits, state = decode_step(params, tok, state, cfg=cfg, opts=opts)
+        logits, state = decode_step(params, tok, state, ~done, cfg=cfg, opts=opts)
         rng, sub = jax.random.split(rng)
         nxt = sample(logits, sub, opts.greedy, temperature, top_p)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
@@ -189,7 +194,10 @@ def decode_loop(params, first_logits, state, rng, temperature, top_p, *, cfg: Mo
 def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, temperature,
                     top_p, start, stop, *, cfg: ModelConfig, opts: GenOptions, full_len: int,
                     compact_len: int):
-    """Steps [start, stop) of no-cache decoding on static lengths (full_len, compact_len)."""
+    """Steps [start, stop) of no-cache decoding on static lengths (full_len, compact_len).
+
+    Also returns the tokens each sequence kept at its last step, which bounds the compacted
+    length the next chunk needs (earlier decisions never change)."""
     TRACES["no_cache"] += 1
     dt = compute_dtype(cfg)
     b = seq.shape[0]
@@ -198,11 +206,11 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, te
     pos = jnp.broadcast_to(jnp.arange(full_len, dtype=jnp.int32)[None], (b, full_len))
 
     def cond(c):
-        i, _, _, done, _ = c
+        i, _, _, done, _, _ = c
         return (i < stop) & ~jnp.all(done)
 
     def body(c):
-        i, seq, out, done, rng = c
+        i, seq, out, done, rng, _ = c
         cur = lengths + i  # tokens in each sequence at this step; the newest is cur - 1
         valid = pos < cur[:, None]
         x = embed_inputs(params, cfg, seq[:, :full_len], feats, image_start)
@@ -221,10 +229,11 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, te
         out = out.at[:, i].set(nxt)
         seq = seq.at[jnp.arange(b), jnp.minimum(cur, seq.shape[1] - 1)].set(nxt)
         done = done | (nxt == cfg.eos_token_id)
-        return i + 1, seq, out, done, rng
+        return i + 1, seq, out, done, rng, cvalid.sum(-1).astype(jnp.int32)
 
-    i, seq, out, done, rng = jax.lax.while_loop(cond, body, (start, seq, out, done, rng))
-    return seq, out, done, rng, i
+    init = (start, seq, out, done, rng, jnp.zeros((b,), jnp.int32))
+    i, seq, out, done, rng, kept = jax.lax.while_loop(cond, body, init)
+    return seq, out, done, rng, kept
 
 
 # -- host-side driver ----------------------------------------------------------------
@@ -313,15 +322,22 @@ def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, p
     done = jnp.zeros((b,), bool)
     start = 0
     bucket = max(1, opts.no_cache_bucket)
+    kept_max = clen  # an upper bound on the tokens kept so far by any sequence
     while start < n:
         stop = min(n, (start // bucket + 1) * bucket)
-        # At step i a sequence holds lengths + i tokens: the longest is t + stop - 1.
-        seq, out, done, rng, i = _jit_no_cache(
+        # At step i a sequence holds lengths + i tokens: the longest is t + stop - 1. It keeps
+        # at most what it kept at the previous step plus one token per step, so dropped
+        # generated tokens are not computed from layer l on (the length is bucketed so that
+        # chunks share compiles).
+        need = kept_max + (stop - start) if start else clen + stop
+        compact = min(clen + stop, round_up(need, bucket))
+        seq, out, done, rng, kept = _jit_no_cache(
             params, seq, lengths, image_start, feats, out, done, rng, temperature, top_p,
             jnp.int32(start), jnp.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
-            compact_len=clen + stop)
+            compact_len=compact)
         if bool(jnp.all(done)):
             break
+        kept_max = int(jnp.max(kept))
         start = stop
     # Decisions of the final sequence, for the stats (same rule as every step).
     image_keep, in_cache = _no_cache_stats(params, seq, lengths, image_start, feats, out, cfg=cfg,

@@ -70,10 +70,22 @@ def test_keep_everything_equals_dense(model, samples, use_cache):
     assert list(full.image_tokens_kept) == [64, 64, 64, 64, 0]
 
 
-def test_kv_cache_equals_no_cache(model, samples):
+@pytest.mark.parametrize("bucket", [32, 4])
+def test_kv_cache_equals_no_cache(model, samples, bucket, monkeypatch):
+    """Bucket 4: three chunks, each compacted to what was kept by the previous one."""
     prompts, pixels = samples
+    lengths = []
+    real = gen._jit_no_cache
+
+    def spy(*a, **kw):
+        lengths.append(kw["compact_len"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gen, "_jit_no_cache", spy)
     kv = _run(model, prompts, pixels, mode="dynamic", use_cache=True)
-    nc = _run(model, prompts, pixels, mode="dynamic", use_cache=False)
+    nc = _run(model, prompts, pixels, mode="dynamic", use_cache=False, no_cache_bucket=bucket)
+    if bucket == 4:  # later chunks run layers >= l on fewer slots than prompt + chunk end
+        assert len(lengths) == 3 and lengths[2] < lengths[0] + 8
     assert kv.new_token_ids == nc.new_token_ids
     assert kv.kept_image_indices == nc.kept_image_indices
     assert list(kv.generated_tokens_in_cache) == list(nc.generated_tokens_in_cache)
