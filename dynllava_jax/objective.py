@@ -1,0 +1,241 @@
+"""The Dynamic-LLaVA training objective (SPEC §4): training forward pass and loss.
+
+Letters: B batch, T tokens, N image tokens, H hidden, V vocabulary.
+
+Forward (nothing is removed; shapes are static):
+  1. layers ``< l`` (``l = sparse_layer``) run plain causal attention over the whole
+     sequence (padding keys masked);
+  2. on the hidden states entering layer ``l``:
+     * image decisions ``m_img [B, N] = gumbel_hard_keep(image_predictor(h_img), tau)``
+       for samples with an image (the predictor's previous decision is all ones, as in the
+       official code at its single sparse layer); text-only samples get no image decisions;
+     * output-text decisions ``m_txt [B, T] = gumbel_hard_keep(text_predictor(h), tau)`` on
+       the LAST assistant answer of each sample: the tokens after the last position whose
+       label is ``-100``, up to the real length. This is exactly the official ``answer``
+       span (``dynamic_llava_arch.py``: ``answer_start = where(labels == -100)[-1] + 1``,
+       ``answer_end = len(sequence)``), so it includes the ``</s>`` that ends the answer.
+       Answers shorter than ``output_text_len_for_training`` get decisions forced to 1
+       (constants, no gradient) and contribute nothing to the text ratio loss. Unlike the
+       official code (which switches all sparsification off for a batch holding a
+       text-only sample, SPEC §5), text-only samples get output-text decisions too;
+  3. policy ``p [B, T]``: 1 for every token that is neither an image token nor an answer
+     token (padding included: padding keys are masked anyway), the decision otherwise;
+     layers ``>= l`` run ``run_stack(..., policy=p)`` (MaskedSoftmax on top of the
+     causal + padding mask).
+
+Loss (per global batch; see `loss_denominators`):
+
+  loss = CE + mask_loss_weight * (L_img + L_txt)
+
+  CE    = next-token cross-entropy over every position whose *next* label is not -100
+          (HF shift: logits[t] predict labels[t + 1]); these are all assistant answers of
+          the conversation (not only the last) and each answer's closing ``</s>``.
+          Which mean (`ce_weights`): ``ce_group_size = 0`` (default) is the token mean over
+          the whole global batch; ``ce_group_size = k`` is the official one: the official
+          ``CrossEntropyLoss()`` is a token mean over one device micro-batch, and DDP /
+          gradient accumulation average those means (7B: 8 GPUs x 8 samples, k = 8;
+          13B: 8 x 4 x 2 accumulation, k = 4), i.e. the mean over groups of k samples of
+          each group's token mean. Either way each sample gets a weight computed from the
+          whole global batch before it is split, so the loss does not depend on how the
+          batch is split over devices or micro-batches (sharded == unsharded).
+  L_img = sum_{b with image} (r_img - mean_i m_img[b, i])^2 / #(samples with an image)
+          (official: ``((vision_keep_rate - mask.mean(1)) ** 2).mean()``; the official run
+          uses image samples only (``--requires_image``), so its batch mean is this mean).
+  L_txt = sum_{b: answer >= len_for_training} (r_txt - mean_{answer} m_txt[b])^2 / D_txt,
+          D_txt = number of samples in the batch (the official code sets a short answer's
+          target to its own ratio, so it adds 0 but still counts in ``.mean()``); setting
+          ``text_ratio_mean = "eligible"`` divides by the number of long answers instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import model as M
+from .config import ModelConfig
+from .llama import causal_mask, run_stack, split_layers
+from .sparsity import gumbel_hard_keep
+
+IGNORE = -100
+
+
+def gumbel_tau(step, total_steps: int, tau_start: float = 1.0, tau_end: float = 0.1):
+    """tau(step) = tau_start * (tau_end / tau_start) ** (step / total_steps) (official
+    ``on_step_begin``: ``global_step / max_steps``, global_step counted from 0)."""
+    frac = jnp.asarray(step, jnp.float32) / max(int(total_steps), 1)
+    return tau_start * (tau_end / tau_start) ** frac
+
+
+def answer_span(labels_BT, lengths_B):
+    """(start [B], end [B]) of the last assistant answer: the tokens after the last
+    ``-100`` label inside the real length, up to that length (official ``answer`` span)."""
+    t = jnp.arange(labels_BT.shape[1])[None, :]
+    ignored = (labels_BT == IGNORE) & (t < lengths_B[:, None])
+    last = jnp.max(jnp.where(ignored, t, -1), axis=1)
+    start = jnp.minimum(last + 1, lengths_B)
+    return start.astype(jnp.int32), lengths_B.astype(jnp.int32)
+
+
+def scored_targets(labels_BT):
+    """(targets [B, T], weights [B, T]): position t is scored against labels[t + 1]."""
+    tgt = jnp.concatenate([labels_BT[:, 1:], jnp.full_like(labels_BT[:, :1], IGNORE)], axis=1)
+    return tgt, (tgt != IGNORE)
+
+
+def ce_weights(labels_BT, group_size: int = 0):
+    """Per-sample weight [B] of the summed token NLL in the CE term (see module doc)."""
+    _, w = scored_targets(labels_BT)
+    n = w.sum(1).astype(jnp.float32)
+    b = labels_BT.shape[0]
+    if group_size <= 0 or group_size >= b:  # one group: the token mean of the whole batch
+        return jnp.full((b,), 1.0, jnp.float32) / jnp.maximum(n.sum(), 1.0)
+    if b % group_size:
+        raise ValueError(f"batch {b} is not a multiple of ce_group_size {group_size}")
+    groups = b // group_size
+    tok = n.reshape(groups, group_size).sum(1)
+    per = 1.0 / (groups * jnp.maximum(tok, 1.0))
+    return jnp.repeat(per, group_size)
+
+
+def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all") -> dict:
+    """Global normalisers, computed once over the whole (global) batch before any split
+    into micro-batches, so that summing micro-batch losses gives the full-batch loss."""
+    _, w = scored_targets(batch["labels"])
+    start, end = answer_span(batch["labels"], batch["lengths"])
+    n = batch["labels"].shape[0]
+    long = (end - start) >= cfg.sparse.output_text_len_for_training
+    if text_ratio_mean == "all":
+        n_txt = jnp.asarray(n, jnp.float32)
+    elif text_ratio_mean == "eligible":
+        n_txt = long.sum().astype(jnp.float32)
+    else:
+        raise ValueError(f"text_ratio_mean must be 'all' or 'eligible', not {text_ratio_mean!r}")
+    one = jnp.float32(1.0)
+    return {
+        "tokens": jnp.maximum(w.sum().astype(jnp.float32), one),
+        "img": jnp.maximum((batch["image_start"] >= 0).sum().astype(jnp.float32), one),
+        "txt": jnp.maximum(n_txt, one),
+        "txt_long": jnp.maximum(long.sum().astype(jnp.float32), one),
+    }
+
+
+def sample_keys(rng, sample_ids_B):
+    """One key per sample from its index in the global batch: decisions do not depend on
+    how the batch is split over devices or micro-batches."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(sample_ids_B)
+
+
+def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
+                  constrain=None):
+    """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
+
+    batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
+    pixels [B,3,S,S] float32, optional sample_id [B] (index in the global batch; default
+    arange(B)), optional ce_weight [B] (`ce_weights` of the global batch; default: token
+    mean over this batch). rng: the step's key; tau: Gumbel temperature (scalar).
+    constrain: optional ``f(x) -> x`` applied to the batch-leading activations (hidden
+    states, logits): the trainer passes a sharding constraint (batch over data x fsdp).
+    """
+    sc = cfg.sparse
+    dt = M.compute_dtype(cfg)
+    tokens, labels = batch["tokens"], batch["labels"]
+    lengths, image_start = batch["lengths"], batch["image_start"]
+    b, t = tokens.shape
+    sample_id = batch.get("sample_id", jnp.arange(b, dtype=jnp.int32))
+    keys = sample_keys(rng, sample_id)
+    pair = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    k_img, k_txt = pair[:, 0], pair[:, 1]
+
+    feats = M.image_features(params, cfg, batch["pixels"])
+    cons = constrain if constrain is not None else (lambda a: a)
+    x = cons(M.embed_inputs(params, cfg, tokens, feats, image_start))
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    valid = positions < lengths[:, None]
+    mask = causal_mask(valid)
+
+    zeros_B = jnp.zeros((b,), jnp.float32)
+    out = {"img_sq": zeros_B, "img_kept": zeros_B, "has_img": zeros_B,
+           "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B}
+    sparse = sc.enabled and (sc.use_vision_predictor or sc.use_output_text_predictor)
+    if sparse:
+        lower, upper = split_layers(params["llm"]["layers"], sc.sparse_layer)
+        x, _ = run_stack(lower, cfg.llm, dt, x, positions, mask, remat=remat)
+        x = cons(x)
+        policy = jnp.ones((b, t), jnp.float32)
+        n_img = cfg.num_image_tokens
+        has_img = image_start >= 0
+        if sc.use_vision_predictor:
+            logits = M.image_scores(params, cfg, x, image_start).astype(jnp.float32)
+            m_img = jax.vmap(lambda lg, k: gumbel_hard_keep(lg, k, tau))(logits, k_img)  # [B,N]
+            img_in = (jnp.clip(image_start, 0)[:, None] + jnp.arange(n_img)[None]) < lengths[:, None]
+            img_in = img_in & has_img[:, None]
+            m_img = jnp.where(has_img[:, None], m_img, 1.0)
+            rel = jnp.arange(t)[None, :] - image_start[:, None]
+            is_img = M.image_token_mask(cfg, image_start, t)
+            p_img = jnp.take_along_axis(m_img, jnp.clip(rel, 0, n_img - 1), axis=1)
+            policy = jnp.where(is_img, p_img, policy)
+            r_b = (m_img * img_in).sum(1) / jnp.maximum(img_in.sum(1), 1)
+            hf = has_img.astype(jnp.float32)
+            out.update(img_sq=hf * (sc.vision_keep_rate - r_b) ** 2,
+                       img_kept=hf * r_b, has_img=hf)
+        if sc.use_output_text_predictor:
+            start, end = answer_span(labels, lengths)
+            in_ans = (positions >= start[:, None]) & (positions < end[:, None])
+            long = (end - start) >= sc.output_text_len_for_training
+            logits = M.text_scores(params, cfg, x).astype(jnp.float32)
+            m_txt = jax.vmap(lambda lg, k: gumbel_hard_keep(lg, k, tau))(logits, k_txt)  # [B,T]
+            m_txt = jnp.where(long[:, None], m_txt, 1.0)
+            policy = jnp.where(in_ans, m_txt, policy)
+            r_b = (m_txt * in_ans).sum(1) / jnp.maximum(in_ans.sum(1), 1)
+            lf = long.astype(jnp.float32)
+            out.update(txt_sq=lf * (sc.output_text_keep_rate - r_b) ** 2,
+                       txt_kept=lf * r_b, txt_long=lf)
+        x, _ = run_stack(upper, cfg.llm, dt, x, positions, mask, policy=policy, remat=remat)
+    else:
+        policy = None
+        x, _ = run_stack(params["llm"]["layers"], cfg.llm, dt, x, positions, mask, remat=remat)
+
+    logits = cons(M.lm_logits(params, cfg, cons(x)))  # [B,T,V] float32
+    tgt, w = scored_targets(labels)
+    # nll = logsumexp(logits) - logit[target]: no second [B, T, V] buffer for log_softmax
+    picked = jnp.take_along_axis(logits, jnp.clip(tgt, 0, logits.shape[-1] - 1)[..., None],
+                                 axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    out["ce_sum"] = jnp.where(w, nll, 0.0).sum(1)
+    out["tokens"] = w.sum(1).astype(jnp.float32)
+    cw = batch.get("ce_weight")
+    if cw is None:
+        cw = jnp.full((b,), 1.0, jnp.float32) / jnp.maximum(out["tokens"].sum(), 1.0)
+    out["ce_w"] = out["ce_sum"] * cw
+    return out, policy
+
+
+def combine(sums: dict, denom: dict, cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """Loss and metrics from per-sample sums (already summed over micro-batches or not)."""
+    s = {k: jnp.sum(v) for k, v in sums.items()}
+    ce = s["ce_w"]
+    l_img = s["img_sq"] / denom["img"]
+    l_txt = s["txt_sq"] / denom["txt"]
+    w = cfg.sparse.mask_loss_weight
+    loss = ce + w * (l_img + l_txt)
+    metrics = {
+        "loss": loss, "ce": ce,
+        "img_ratio_loss": w * l_img, "txt_ratio_loss": w * l_txt,
+        "img_kept": s["img_kept"] / denom["img"],
+        "txt_kept": s["txt_kept"] / denom["txt_long"],
+        "answer_tokens": s["tokens"],
+    }
+    return loss, metrics
+
+
+def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
+            text_ratio_mean: str = "all", ce_group_size: int = 0, denom: Any = None):
+    """Whole-batch loss (no micro-batching): (loss, metrics)."""
+    if denom is None:
+        denom = loss_denominators(batch, cfg, text_ratio_mean)
+    batch = dict(batch, ce_weight=ce_weights(batch["labels"], ce_group_size))
+    sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat)
+    return combine(sums, denom, cfg)

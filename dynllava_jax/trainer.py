@@ -1,0 +1,613 @@
+"""Training: state, the jitted sharded train step (with gradient accumulation), the loop.
+
+`Trainer(config, workdir)` builds everything from a run config (`configs/*.py`):
+model + params (from a converted dir, or random for a preset), mesh and shardings,
+optimiser, data iterator, checkpoint manager (auto-resume), metrics writers; `run()`
+trains and exports. The pieces are plain functions that tests call directly:
+`make_train_step`, `create_sharded_state`, `jit_train_step`, `SyntheticBatches`.
+
+The step: ``state, metrics = step(state, batch)``. The global batch is split into
+`microbatches` slices (sample ``i * G + g`` goes to slice ``g``, so every device keeps
+its own samples) that a `lax.scan` runs one after the other, summing gradients. The loss
+denominators (answer tokens, image samples, samples) are computed from the whole global
+batch first, and every random decision is keyed by (step, sample index in the global
+batch): the loss, gradients and decisions do not depend on the number of devices or
+micro-batches (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import model as M
+from . import objective as O
+from . import optim
+from . import sharding as S
+from .config import ModelConfig, preset as model_preset
+from .train_checkpoint import TrainCheckpointer, abstract_like, export_converted
+
+log = logging.getLogger("dynllava_jax.trainer")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TINY = REPO_ROOT / "assets" / "tiny-dynamic-llava"
+
+
+# -- state ------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array       # int32 [], optimiser updates done
+    params: Any           # trainable groups (see optim.trainable_groups)
+    frozen: Any           # frozen groups: no gradient, no optimiser state
+    opt_state: Any
+    rng: jax.Array        # uint32 [2]; step rng = fold_in(rng, step)
+
+    def all_params(self):
+        return optim.merge_params(self.params, self.frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the jitted step needs besides the model config (static)."""
+    total_steps: int
+    microbatches: int = 1
+    remat: str = "none"
+    gumbel_start_tau: float = 1.0
+    gumbel_end_tau: float = 0.1
+    text_ratio_mean: str = "all"
+    ce_group_size: int = 0
+
+
+def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
+                    schedules: dict, mesh=None) -> Callable:
+    """The (un-jitted) train step ``(state, batch) -> (state, metrics)``."""
+    g = int(sc.microbatches)
+    constrain = None
+    if mesh is not None:  # activations: batch over ('data', 'fsdp')
+        def constrain(x):
+            return jax.lax.with_sharding_constraint(
+                x, jax.sharding.NamedSharding(mesh, S.batch_spec(x.ndim, mesh)))
+
+    def step_fn(state: TrainState, batch: dict):
+        b = batch["tokens"].shape[0]
+        if b % g:
+            raise ValueError(f"batch {b} is not divisible by {g} micro-batches")
+        tau = O.gumbel_tau(state.step, sc.total_steps, sc.gumbel_start_tau, sc.gumbel_end_tau)
+        rng = jax.random.fold_in(state.rng, state.step)
+        denom = O.loss_denominators(batch, cfg, sc.text_ratio_mean)
+        batch = dict(batch, sample_id=jnp.arange(b, dtype=jnp.int32),
+                     ce_weight=O.ce_weights(batch["labels"], sc.ce_group_size))
+
+        def micro(tp, mb):
+            sums, _ = O.forward_train(optim.merge_params(tp, state.frozen), cfg, mb, rng, tau,
+                                      remat=sc.remat, constrain=constrain)
+            loss, _ = O.combine(sums, denom, cfg)
+            return loss, jax.tree_util.tree_map(jnp.sum, sums)
+
+        grad_fn = jax.value_and_grad(micro, has_aux=True)
+        if g == 1:
+            (_, sums), grads = grad_fn(state.params, batch)
+        else:
+            mbs = jax.tree_util.tree_map(
+                lambda x: x.reshape((b // g, g) + x.shape[1:]).swapaxes(0, 1), batch)
+            if mesh is not None:
+                mbs = jax.tree_util.tree_map(
+                    lambda x: jax.lax.with_sharding_constraint(
+                        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                            None, *S.batch_spec(x.ndim - 1, mesh)))), mbs)
+
+            def body(carry, mb):
+                gacc, sacc = carry
+                (_, s), gr = grad_fn(state.params, mb)
+                gacc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), gacc, gr)
+                sacc = jax.tree_util.tree_map(jnp.add, sacc, s)
+                return (gacc, sacc), None
+
+            g0 = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            s0 = {k: jnp.zeros((), jnp.float32) for k in
+                  ("img_sq", "img_kept", "has_img", "txt_sq", "txt_kept", "txt_long",
+                   "ce_sum", "tokens", "ce_w")}
+            (grads, sums), _ = jax.lax.scan(body, (g0, s0), mbs)
+            grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.params)
+        _, metrics = O.combine(sums, denom, cfg)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics.update(
+            grad_norm=optax.tree.norm(grads), tau=tau,
+            lr=schedules["lr"](state.step), predictor_lr=schedules["predictor_lr"](state.step))
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, metrics
+
+    return step_fn
+
+
+def init_train_state(params: dict, tx, rng, groups) -> TrainState:
+    trainable, frozen = optim.split_params(params, groups)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+                      opt_state=tx.init(trainable), rng=rng)
+
+
+def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
+    """Shardings of a TrainState (from its jax.eval_shape)."""
+    rep = S.replicated(mesh)
+    return TrainState(
+        step=rep,
+        params=S.param_shardings(abstract_state.params, mesh),
+        frozen=S.param_shardings(abstract_state.frozen, mesh),
+        opt_state=S.mirror_shardings(abstract_state.opt_state, abstract_state.params, mesh),
+        rng=rep)
+
+
+def jit_train_step(step_fn, state_sh, batch_sh, mesh):
+    rep = S.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                   donate_argnums=(0,))
+
+
+def create_sharded_state(params: dict, tx, rng, groups, mesh) -> tuple[TrainState, TrainState]:
+    """(state placed on the mesh, its shardings). Params are put on the mesh leaf by leaf;
+    the optimiser state is created by a jitted init directly in its sharding."""
+    trainable, frozen = optim.split_params(params, groups)
+    abstract = jax.eval_shape(lambda p, f: TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, frozen=f, opt_state=tx.init(p),
+        rng=jnp.zeros((2,), jnp.uint32)), trainable, frozen)
+    sh = state_shardings(abstract, mesh)
+    trainable = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), trainable, sh.params)
+    frozen = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), frozen, sh.frozen)
+    opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sh.step), params=trainable,
+                       frozen=frozen, opt_state=opt_state,
+                       rng=jax.device_put(jnp.asarray(rng, jnp.uint32), sh.rng))
+    return state, sh
+
+
+# -- synthetic in-memory batches ---------------------------------------------------------
+class SyntheticBatches:
+    """Deterministic, learnable batches in the data pipeline's format (tests, benchmarks).
+
+    Sample: BOS, a few prompt tokens, the image slots (for ``1 - text_only_frac`` of the
+    samples), a question, then an answer (labels) counting up from a random token
+    ``a, a+1, a+2, ...`` and EOS. Batch ``i`` depends only on (seed, i); the iterator
+    state is the next index (``get_state``/``set_state``, grain style).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int, seed: int = 0,
+                 text_only_frac: float = 0.25, answer_len: tuple[int, int] = (8, 40),
+                 shard_index: int = 0, shard_count: int = 1):
+        self.cfg, self.b, self.t, self.seed = cfg, batch_size, seq_len, seed
+        self.text_only_frac, self.answer_len = text_only_frac, answer_len
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.index = 0
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        out = self.batch(self.index)
+        self.index += 1
+        return out
+
+    def batch(self, i: int) -> dict:
+        c, t = self.cfg, self.t
+        v = c.llm.vocab_size
+        n_img, s = c.num_image_tokens, c.vision.image_size
+        full = self.b * self.shard_count
+        rng = np.random.default_rng([self.seed, i])
+        tokens = np.zeros((full, t), np.int32)
+        labels = np.full((full, t), -100, np.int32)
+        lengths = np.zeros((full,), np.int32)
+        image_start = np.full((full,), -1, np.int32)
+        pixels = np.zeros((full, 3, s, s), np.float32)
+        for r in range(full):
+            has_img = rng.random() >= self.text_only_frac
+            pre = [c.bos_token_id] + list(rng.integers(3, v, 3))
+            q = list(rng.integers(3, v, int(rng.integers(3, 9))))
+            room = t - len(pre) - len(q) - 1 - (n_img if has_img else 0)
+            lo, hi = self.answer_len
+            n_ans = int(min(rng.integers(lo, hi + 1), room))
+            if n_ans < 1:
+                raise ValueError(f"seq_len {t} too short for a synthetic sample")
+            a0 = int(rng.integers(3, v))
+            ans = [3 + (a0 - 3 + k) % (v - 3) for k in range(n_ans)] + [c.eos_token_id]
+            row = list(pre)
+            if has_img:
+                image_start[r] = len(row)
+                row += [c.pad_token_id] * n_img
+                pixels[r] = rng.standard_normal((3, s, s), np.float32)
+            row += q
+            a_start = len(row)
+            row += ans
+            tokens[r, :len(row)] = row
+            labels[r, a_start:len(row)] = ans
+            lengths[r] = len(row)
+        sl = slice(self.shard_index * self.b, (self.shard_index + 1) * self.b)
+        return {"tokens": tokens[sl], "labels": labels[sl], "lengths": lengths[sl],
+                "image_start": image_start[sl], "pixels": pixels[sl]}
+
+
+# -- the run -----------------------------------------------------------------------------
+_STEP_CACHE: dict = {}
+
+
+def _frozen_items(cd) -> tuple:
+    d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+    return tuple(sorted((k, repr(v)) for k, v in d.items()))
+
+
+def _checkpoint_shapes(path: Path) -> dict:
+    """Nested dict of ShapeDtypeStructs from an Orbax checkpoint's metadata."""
+    import orbax.checkpoint as ocp
+    meta = ocp.StandardCheckpointer().metadata(Path(path).absolute())
+    meta = getattr(meta, "item_metadata", meta)
+    out: dict = {}
+    for kp, m in jax.tree_util.tree_leaves_with_path(meta):
+        node = out
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in kp]
+        for n in names[:-1]:
+            node = node.setdefault(n, {})
+        node[names[-1]] = jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+    return out
+
+
+def resolve_path(p: str) -> Path:
+    """A path as given, else relative to the repository root (configs name assets/...)."""
+    path = Path(p).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    alt = REPO_ROOT / path
+    return alt if alt.exists() else path
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard (tensorboardX) in the workdir; host 0 only."""
+
+    def __init__(self, workdir: Path, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # drop what a killed run logged after its last checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+        except Exception as e:  # pragma: no cover
+            log.warning("TensorBoard disabled: %s", e)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"train/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl (the last row per step wins)."""
+    rows = {}
+    path = Path(workdir) / "metrics.jsonl"
+    if path.exists():
+        for ln in path.read_text().splitlines():
+            if ln.strip():
+                r = json.loads(ln)
+                rows[r["step"]] = r
+    return [rows[k] for k in sorted(rows)]
+
+
+def format_metrics(step: int, m: dict) -> str:
+    def f(k, fmt="{:.4f}"):
+        return fmt.format(m[k]) if k in m else "-"
+    return (f"step {step} loss {f('loss')} ce {f('ce')} img_ratio_loss {f('img_ratio_loss')} "
+            f"txt_ratio_loss {f('txt_ratio_loss')} img_kept {f('img_kept', '{:.3f}')} "
+            f"txt_kept {f('txt_kept', '{:.3f}')} tau {f('tau', '{:.3f}')} "
+            f"lr {f('lr', '{:.2e}')} pred_lr {f('predictor_lr', '{:.2e}')} "
+            f"grad_norm {f('grad_norm', '{:.3f}')} tok/s {f('tokens_per_s', '{:.0f}')} "
+            f"s/step {f('step_time', '{:.3f}')}")
+
+
+class Trainer:
+    """One training run in a workdir (see the module docstring)."""
+
+    def __init__(self, config, workdir: str | Path, init_from: Optional[str] = None,
+                 progress: bool = True, export_only: bool = False):
+        """`export_only`: no data pipeline (a checkpoint written by any number of hosts can
+        then be restored and exported on one)."""
+        self.config = config
+        self.workdir = Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        dc = config.distributed
+        S.maybe_initialize_distributed(dc.coordinator, dc.num_processes, dc.process_id)
+        if init_from:
+            config.init_from = init_from
+        self.mesh = S.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        self._setup_model_config()
+        tc = config.train
+        self.global_batch = int(tc.global_batch_size)
+        dp = S.data_parallel_size(self.mesh)
+        g = int(tc.microbatches)
+        if self.global_batch % (dp * g):
+            raise ValueError(f"global_batch_size {self.global_batch} must be divisible by "
+                             f"data x fsdp ({dp}) x microbatches ({g})")
+        if self.global_batch % jax.process_count():
+            raise ValueError(f"global_batch_size {self.global_batch} is not divisible by the "
+                             f"{jax.process_count()} hosts")
+        self.host_batch = self.global_batch // jax.process_count()
+        if export_only:
+            self.iterator, self.total_steps = None, max(int(tc.total_steps), 1)
+        else:
+            self.iterator, num_records = self._make_data()
+            self.total_steps = self._total_steps(num_records)
+        self.tx, self.schedules = optim.make_optimizer(config.optim, self.total_steps)
+        self.step_config = StepConfig(
+            total_steps=self.total_steps, microbatches=g, remat=tc.remat,
+            gumbel_start_tau=config.objective.gumbel_start_tau,
+            gumbel_end_tau=config.objective.gumbel_end_tau,
+            text_ratio_mean=config.objective.text_ratio_mean,
+            ce_group_size=int(config.objective.ce_group_size))
+        ck = config.checkpoint
+        self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
+                                      ck.async_save)
+        self._init_state()
+        self._compile_step()
+
+    # -- setup ---------------------------------------------------------------------------
+    def _setup_model_config(self):
+        from .checkpoint import load_config
+        c = self.config
+        if c.init_from in ("", None):
+            raise ValueError("no model: set --init-from CONVERTED_DIR (or config.init_from), "
+                             "or init_from=random with model_preset")
+        if c.init_from == "random":
+            cfg = model_preset(c.model_preset)
+            self.init_dir = None
+            self.assets_dir = resolve_path(c.assets_dir) if c.assets_dir else DEFAULT_TINY
+        else:
+            self.init_dir = resolve_path(c.init_from)
+            cfg = load_config(self.init_dir)
+            self.assets_dir = resolve_path(c.assets_dir) if c.assets_dir else self.init_dir
+        self.export_cfg_base = cfg
+        sp = {k: v for k, v in c.sparse.to_dict().items()}
+        cfg = cfg.replace_sparse(enabled=True, **sp)
+        self.export_cfg = cfg  # dtype fields as in the source checkpoint
+        self.cfg = cfg.replace(dtype=c.dtype, param_dtype=c.param_dtype)
+
+    def _abstract_params(self) -> dict:
+        """ShapeDtypeStructs (param_dtype) of the params this run trains: the init dir's
+        tree read from its Orbax metadata (nothing loaded), plus predictors if missing; or
+        the preset's `init_params` tree."""
+        dt = jnp.dtype(self.cfg.param_dtype)
+        pred = jax.eval_shape(lambda: M.init_predictors(self.cfg, jax.random.PRNGKey(0)))
+        if self.init_dir is None:
+            tree = jax.eval_shape(lambda: M.init_params(self.cfg, jax.random.PRNGKey(0),
+                                                        with_predictors=True))
+        else:
+            tree = _checkpoint_shapes(self.init_dir / "params")
+            self.missing_predictors = [k for k in pred if k not in tree]
+            tree.update({k: pred[k] for k in self.missing_predictors})
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, dt if jnp.issubdtype(x.dtype, jnp.floating)
+                                           else x.dtype), tree)
+
+    def _load_params(self, abstract: dict, shardings: dict) -> dict:
+        """The initial params, created or restored directly in their shardings (a host
+        never holds the whole model)."""
+        seed = int(self.config.train.seed)
+        key = jax.random.PRNGKey(seed)
+        if self.init_dir is None:
+            return jax.jit(lambda k: optim.cast_tree(
+                M.init_params(self.cfg, k, with_predictors=True), self.cfg.param_dtype),
+                out_shardings=shardings)(key)
+        from .checkpoint import load_params
+        missing = set(self.missing_predictors)
+        target = {k: jax.tree_util.tree_map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), v, shardings[k])
+            for k, v in abstract.items() if k not in missing}
+        params = dict(load_params(self.init_dir, target))
+        if missing:
+            log.info("%s has no predictors: initialising %s", self.init_dir, sorted(missing))
+            pred_sh = {k: shardings[k] for k in missing}
+            fresh = jax.jit(lambda k: {n: v for n, v in optim.cast_tree(
+                M.init_predictors(self.cfg, k), self.cfg.param_dtype).items() if n in missing},
+                out_shardings=pred_sh)(jax.random.fold_in(key, 1))
+            params.update(fresh)
+        return params
+
+    def _make_data(self):
+        c, cfg = self.config, self.cfg
+        seed = int(c.train.seed)
+        if c.train.data == "random":
+            it = SyntheticBatches(cfg, self.host_batch, int(c.data.seq_len), seed,
+                                  shard_index=jax.process_index(),
+                                  shard_count=jax.process_count())
+            return it, 0
+        if c.train.data != "pipeline":
+            raise ValueError(f"train.data must be 'pipeline' or 'random', not {c.train.data!r}")
+        from .data.pipeline import make_iterator, make_source
+        from .image_processing import ImageProcessor
+        from .tokenizer import LlavaTokenizer
+        dc = c.data
+        if dc.source == "json" and not dc.json_path:
+            if c.synthetic.n <= 0:
+                raise ValueError("no data: set data.json_path (or data.source=tfds), or "
+                                 "synthetic.n > 0 for a generated dataset")
+            out = self.workdir / "data"
+            if not (out / "data.json").exists() and jax.process_index() == 0:
+                from .data.synthetic import write_synthetic_dataset
+                write_synthetic_dataset(out, int(c.synthetic.n), int(c.synthetic.seed),
+                                        cfg.vision.image_size)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("synthetic data written")
+            dc.json_path = str(out / "data.json")
+            dc.image_folder = str(out)
+        tok = LlavaTokenizer.from_dir(self.assets_dir)
+        ip = ImageProcessor.from_dir(self.assets_dir)
+        source = make_source(dc)  # parsed once (mix665k's JSON takes seconds)
+        num_records = len(source)
+        it = make_iterator(dc, tok, ip, cfg.num_image_tokens, seed=seed,
+                           shard_index=jax.process_index(), shard_count=jax.process_count(),
+                           batch_size=self.host_batch, source=source)
+        return it, num_records
+
+    def _total_steps(self, num_records: int) -> int:
+        tc = self.config.train
+        if tc.total_steps and tc.total_steps > 0:
+            return int(tc.total_steps)
+        if num_records <= 0:
+            raise ValueError("set train.total_steps (the data size is unknown)")
+        steps = int(math.floor(num_records * float(tc.num_epochs) / self.global_batch))
+        return max(steps, 1)
+
+    def _groups(self, params) -> tuple:
+        oc = self.config.optim
+        return optim.trainable_groups(params, train_projector=oc.train_projector,
+                                      train_llm=oc.train_llm)
+
+    def _init_state(self):
+        rng = jax.random.PRNGKey(int(self.config.train.seed))
+        abstract_params = self._abstract_params()
+        self.groups = self._groups(abstract_params)
+        tr, fr = optim.split_params(abstract_params, self.groups)
+        abstract = jax.eval_shape(lambda p, f: TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, frozen=f, opt_state=self.tx.init(p),
+            rng=jnp.zeros((2,), jnp.uint32)), tr, fr)
+        self.shardings = state_shardings(abstract, self.mesh)
+        latest = self.ckpt.latest_step()
+        if latest is not None:
+            target = abstract_like(abstract, self.shardings)
+            self.state = self.ckpt.restore(latest, target, self.iterator)
+            self.start_step = int(latest)
+            log.info("resumed from step %d", latest)
+            return
+        sh = self.shardings
+        params = self._load_params(abstract_params, optim.merge_params(sh.params, sh.frozen))
+        trainable, frozen = optim.split_params(params, self.groups)
+        opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(trainable)
+        self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sh.step),
+                                params=trainable, frozen=frozen, opt_state=opt_state,
+                                rng=jax.device_put(rng, sh.rng))
+        self.start_step = 0
+
+    def _compile_step(self):
+        key = (self.cfg, self.step_config, _frozen_items(self.config.optim), self.groups,
+               self.mesh, self.total_steps)
+        fn = _STEP_CACHE.get(key)
+        if fn is None:
+            step_fn = make_train_step(self.cfg, self.step_config, self.tx, self.schedules,
+                                      self.mesh)
+            example = {"tokens": np.zeros((1, 1), np.int32), "labels": np.zeros((1, 1), np.int32),
+                       "lengths": np.zeros((1,), np.int32),
+                       "image_start": np.zeros((1,), np.int32),
+                       "pixels": np.zeros((1, 1, 1, 1), np.float32)}
+            fn = jit_train_step(step_fn, self.shardings, S.batch_shardings(example, self.mesh),
+                                self.mesh)
+            _STEP_CACHE[key] = fn
+        self.step_fn = fn
+
+    # -- loop ----------------------------------------------------------------------------
+    def _global_batch(self, host_batch: dict) -> dict:
+        keys = ("tokens", "labels", "lengths", "image_start", "pixels")
+        return S.host_local_to_global({k: host_batch[k] for k in keys}, self.mesh,
+                                      self.global_batch)
+
+    def run(self, stop_at: Optional[int] = None) -> dict:
+        """Train until step `stop_at` (default: the end). Checkpoints every `every` steps;
+        at the end of the run a final checkpoint and (if configured) the export."""
+        c = self.config
+        end = self.total_steps if stop_at is None else min(int(stop_at), self.total_steps)
+        writer = MetricsWriter(self.workdir, self.start_step)
+        step = saved = int(self.start_step)
+        last = {}
+        bar = None
+        if self.progress and jax.process_index() == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step",
+                       dynamic_ncols=True)
+        log_every = max(int(c.train.log_every), 1)
+        t_last, tokens_acc, steps_acc = time.perf_counter(), 0.0, 0
+        try:
+            while step < end:
+                try:
+                    host = next(self.iterator)
+                except StopIteration:
+                    log.warning("data exhausted at step %d", step)
+                    break
+                batch = self._global_batch(host)
+                self.state, metrics = self.step_fn(self.state, batch)
+                step += 1
+                tokens_acc += float(np.sum(host["lengths"])) * jax.process_count()
+                steps_acc += 1
+                if self.ckpt.save(step, self.state, self.iterator):
+                    saved = step
+                if step % log_every == 0 or step == end:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    m["step_time"] = (now - t_last) / steps_acc
+                    m["tokens_per_s"] = tokens_acc / max(now - t_last, 1e-9)
+                    if hasattr(self.iterator, "metrics"):  # the pipeline's skip counters
+                        m.update({k: float(v) for k, v in self.iterator.metrics().items()})
+                    t_last, tokens_acc, steps_acc = now, 0.0, 0
+                    writer.write(step, m)
+                    last = m
+                    line = format_metrics(step, m)
+                    if bar is not None:
+                        bar.write(line)
+                    elif jax.process_index() == 0 and not self.progress:
+                        log.info(line)
+                if bar is not None:
+                    bar.update(1)
+                    if last:
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}")
+            if step >= self.total_steps and saved != step:
+                self.ckpt.save(step, self.state, self.iterator, force=True)
+            self.ckpt.wait()
+        finally:
+            self.ckpt.wait()  # never leave a save half-written behind an exception
+            if bar is not None:
+                bar.close()
+            writer.close()
+        self.step = step
+        if step >= self.total_steps and c.checkpoint.export:
+            if jax.process_count() > 1:
+                log.warning("multi-host run: export skipped; run `train.py --config ... "
+                            "--workdir %s --export-only` on one host", self.workdir)
+            else:
+                self.export(self.workdir / "export")
+        return last
+
+    def export(self, dst: Path) -> Path:
+        params = self.state.all_params()
+        base = self.export_cfg_base
+        params = optim.cast_tree(params, base.param_dtype)
+        return export_converted(dst, params, self.export_cfg, self.assets_dir)
+
+    def close(self):
+        self.ckpt.close()

@@ -1,0 +1,283 @@
+"""The training objective (SPEC §4): Gumbel straight-through decisions, MaskedSoftmax,
+answer spans, policy, loss terms, against naive references written here."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynllava_jax import model as M
+from dynllava_jax import objective as O
+from dynllava_jax.checkpoint import load_converted
+from dynllava_jax.sparsity import gumbel_hard_keep, masked_softmax
+from dynllava_jax.trainer import SyntheticBatches
+
+LEN_FOR_TRAINING = 16  # small, so the tiny batches hold answers long enough to score
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg, params = load_converted("assets/tiny-dynamic-llava")
+    cfg = cfg.replace_sparse(output_text_len_for_training=LEN_FOR_TRAINING)
+    return cfg, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    cfg, _ = tiny
+    b = SyntheticBatches(cfg, 6, 128, seed=2, text_only_frac=0.3, answer_len=(4, 40)).batch(0)
+    start, end = O.answer_span(jnp.asarray(b["labels"]), jnp.asarray(b["lengths"]))
+    ans = np.asarray(end - start)
+    # the batch must exercise every case
+    assert (b["image_start"] < 0).any() and (b["image_start"] >= 0).any()
+    assert (ans >= LEN_FOR_TRAINING).any() and (ans < LEN_FOR_TRAINING).any()
+    return b
+
+
+@pytest.fixture(scope="module")
+def run(tiny, batch):
+    """loss, metrics, policy, per-sample sums and grads: one compile for every test."""
+    cfg, params = tiny
+
+    def f(p, bt, rng, tau):
+        sums, policy = O.forward_train(p, cfg, bt, rng, tau)
+        loss, m = O.combine(sums, O.loss_denominators(bt, cfg), cfg)
+        return loss, (m, policy, sums)
+
+    (loss, (m, policy, sums)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(
+        params, batch, jax.random.PRNGKey(0), jnp.float32(0.5))
+    return dict(loss=loss, metrics=m, policy=np.asarray(policy),
+                sums=jax.tree_util.tree_map(np.asarray, sums), grads=grads)
+
+
+def _answer_span_loops(labels, lengths):
+    out = []
+    for lab, n in zip(labels, lengths):
+        last = -1
+        for t in range(n):
+            if lab[t] == -100:
+                last = t
+        out.append((min(last + 1, n), n))
+    return out
+
+
+# -- Gumbel straight-through ----------------------------------------------------------
+def test_gumbel_hard_forward_soft_backward():
+    logits = jax.random.normal(jax.random.PRNGKey(1), (5, 7, 2)) * 2
+    rng, tau = jax.random.PRNGKey(2), 0.7
+    hard = gumbel_hard_keep(logits, rng, tau)
+    assert set(np.unique(np.asarray(hard)).tolist()) <= {0.0, 1.0}
+
+    def soft(lg):  # the soft sample that the straight-through gradient follows
+        logp = jax.nn.log_softmax(lg, -1)
+        g = jax.random.gumbel(rng, logp.shape, jnp.float32)
+        return jax.nn.softmax((logp + g) / tau, -1)[..., 0]
+
+    # hard decision = argmax of the soft sample
+    np.testing.assert_array_equal(np.asarray(hard), (np.asarray(soft(logits)) > 0.5).astype(np.float32))
+    w = jax.random.normal(jax.random.PRNGKey(3), hard.shape)
+    g_hard = jax.grad(lambda lg: (gumbel_hard_keep(lg, rng, tau) * w).sum())(logits)
+    g_soft = jax.grad(lambda lg: (soft(lg) * w).sum())(logits)
+    np.testing.assert_allclose(np.asarray(g_hard), np.asarray(g_soft), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(g_hard)).max() > 0
+
+
+def test_decisions_are_hard_and_both_predictors_get_gradients(run, batch, tiny):
+    cfg, _ = tiny
+    policy = run["policy"]
+    assert set(np.unique(policy).tolist()) == {0.0, 1.0}
+    gn = {k: float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
+                               for x in jax.tree_util.tree_leaves(v))))
+          for k, v in run["grads"].items()}
+    assert gn["image_predictor"] > 0 and gn["text_predictor"] > 0, gn
+    assert gn["llm"] > 0 and gn["projector"] > 0
+    # every leaf of both predictors receives a gradient
+    for name in ("image_predictor", "text_predictor"):
+        for path, g in jax.tree_util.tree_leaves_with_path(run["grads"][name]):
+            assert np.abs(np.asarray(g)).max() > 0, (name, path)
+
+
+# -- MaskedSoftmax ----------------------------------------------------------------------
+def _masked_softmax_loops(s, mask, p, eps=1e-6):
+    b, t, n = s.shape
+    out = np.zeros_like(s, dtype=np.float64)
+    for bi, i in itertools.product(range(b), range(t)):
+        row = [s[bi, i, j] if mask[bi, i, j] else -np.inf for j in range(n)]
+        m = max(row)
+        a = []
+        for j in range(n):
+            g = 1.0 if i == j else p[bi, j]
+            a.append(math.exp(row[j] - m) * g if mask[bi, i, j] else 0.0)
+        tot = sum(a)
+        for j in range(n):
+            out[bi, i, j] = (a[j] + eps / n) / (tot + eps)
+    return out
+
+
+def test_masked_softmax_matches_loops():
+    rng = np.random.default_rng(0)
+    b, t = 2, 9
+    s = rng.normal(size=(b, t, t)).astype(np.float32) * 3
+    valid = np.array([[1] * 9, [1] * 6 + [0] * 3], bool)
+    mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+    p = (rng.random((b, t)) > 0.5).astype(np.float32)
+    got = np.asarray(masked_softmax(jnp.asarray(s), jnp.asarray(mask), jnp.asarray(p)))
+    want = _masked_softmax_loops(s, mask, p)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # a dropped key is still seen by itself (g_ii = 1); later queries give it only
+    # eps/S / (sum a + eps) (sum a can be < 1 when the row's max key is dropped)
+    j = int(np.flatnonzero(p[0] == 0)[0])
+    assert got[0, j, j] > 1e-3
+    assert np.all(got[0, j + 1:, j] < 1e-4)
+
+
+def test_masked_softmax_all_ones_policy_is_softmax_within_eps():
+    rng = np.random.default_rng(1)
+    t = 16
+    s = jnp.asarray(rng.normal(size=(3, t, t)).astype(np.float32) * 4)
+    mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None].repeat(3, 0))
+    got = masked_softmax(s, mask, jnp.ones((3, t)))
+    ref = masked_softmax(s, mask)  # plain softmax
+    # |(a + eps/S)/(sum a + eps) - a/sum a| <= eps (sum a >= 1 since the max term is 1),
+    # plus float32 rounding of values <= 1: honest bound eps + a few ulp.
+    err = float(jnp.max(jnp.abs(got - ref)))
+    assert err <= 1e-6 + 4 * np.finfo(np.float32).eps, err
+    assert err > 0  # the eps terms are really there (masked keys get eps/S/(sum+eps))
+
+
+# -- spans, policy, loss ----------------------------------------------------------------
+def test_answer_span_matches_loops(batch):
+    start, end = O.answer_span(jnp.asarray(batch["labels"]), jnp.asarray(batch["lengths"]))
+    want = _answer_span_loops(batch["labels"], batch["lengths"])
+    assert list(zip(np.asarray(start).tolist(), np.asarray(end).tolist())) == want
+    # the answer ends with </s> (id 2), which is scored and inside the span
+    for (a, e), lab in zip(want, batch["labels"]):
+        assert lab[e - 1] == 2 and (lab[a:e] != -100).all()
+
+
+def test_answer_span_multi_turn_and_truncated():
+    i = -100
+    labels = np.array([
+        [i, i, i, 5, 6, 2, i, i, 7, 8, 9, 2, i, i],   # two rounds: the last answer only
+        [i, i, i, i, i, i, i, i, 3, 4, i, i, i, i],   # truncated inside the answer (length 10)
+        [i, i, i, i, i, i, i, i, i, i, i, i, i, i],   # nothing to learn: empty span
+    ], np.int32)
+    lengths = np.array([12, 10, 9], np.int32)
+    start, end = O.answer_span(jnp.asarray(labels), jnp.asarray(lengths))
+    assert np.asarray(start).tolist() == [8, 8, 9] and np.asarray(end).tolist() == [12, 10, 9]
+
+
+def test_policy_layout(run, batch, tiny):
+    cfg, _ = tiny
+    p = run["policy"]
+    n_img = cfg.num_image_tokens
+    spans = _answer_span_loops(batch["labels"], batch["lengths"])
+    for r, (a, e) in enumerate(spans):
+        is_img = np.zeros(p.shape[1], bool)
+        if batch["image_start"][r] >= 0:
+            s0 = batch["image_start"][r]
+            is_img[s0:s0 + n_img] = True
+        in_ans = np.zeros(p.shape[1], bool)
+        in_ans[a:e] = True
+        # 1 on every other token (system, question, padding)
+        assert (p[r][~is_img & ~in_ans] == 1).all()
+        if e - a < LEN_FOR_TRAINING:
+            assert (p[r][in_ans] == 1).all()  # short answers: forced keep
+        if batch["image_start"][r] >= 0:
+            assert 0 < p[r][is_img].sum() < n_img  # real decisions on the image tokens
+
+
+def test_loss_terms_match_naive_formula(run, batch, tiny):
+    cfg, params = tiny
+    sc = cfg.sparse
+    p, sums, m = run["policy"], run["sums"], run["metrics"]
+    n_img = cfg.num_image_tokens
+    spans = _answer_span_loops(batch["labels"], batch["lengths"])
+    img_terms, txt_terms = [], []
+    for r, (a, e) in enumerate(spans):
+        if batch["image_start"][r] >= 0:
+            s0 = batch["image_start"][r]
+            img_terms.append((sc.vision_keep_rate - p[r, s0:s0 + n_img].mean()) ** 2)
+        if e - a >= sc.output_text_len_for_training:
+            txt_terms.append((sc.output_text_keep_rate - p[r, a:e].mean()) ** 2)
+        else:
+            txt_terms.append(0.0)  # official: a short answer adds 0 but counts in the mean
+    want_img = sc.mask_loss_weight * np.mean(img_terms)
+    want_txt = sc.mask_loss_weight * np.sum(txt_terms) / len(spans)
+    np.testing.assert_allclose(float(m["img_ratio_loss"]), want_img, rtol=1e-5)
+    np.testing.assert_allclose(float(m["txt_ratio_loss"]), want_txt, rtol=1e-5)
+    # text-only samples: no image term
+    assert (sums["has_img"][batch["image_start"] < 0] == 0).all()
+    assert (sums["img_sq"][batch["image_start"] < 0] == 0).all()
+    # CE: token mean over the scored next tokens (labels[t+1] != -100)
+    n_tok = sum(int((lab[1:] != -100).sum()) for lab in batch["labels"])
+    np.testing.assert_allclose(float(m["answer_tokens"]), n_tok)
+    np.testing.assert_allclose(float(run["loss"]),
+                               float(m["ce"]) + want_img + want_txt, rtol=1e-5)
+
+
+def test_no_predictors_equals_dense_llava_loss(tiny, batch):
+    cfg, params = tiny
+    cfg0 = cfg.replace_sparse(use_vision_predictor=False, use_output_text_predictor=False)
+    loss, m = jax.jit(lambda p, b: O.loss_fn(p, cfg0, b, jax.random.PRNGKey(0), 1.0))(params, batch)
+    logits = np.asarray(M.forward_dense(params, cfg, jnp.asarray(batch["tokens"]),
+                                        jnp.asarray(batch["lengths"]), jnp.asarray(batch["pixels"]),
+                                        jnp.asarray(batch["image_start"])), np.float64)
+    tot, n = 0.0, 0
+    for r in range(logits.shape[0]):  # HF: shift, CrossEntropyLoss(ignore_index=-100), mean
+        for t in range(logits.shape[1] - 1):
+            y = batch["labels"][r, t + 1]
+            if y != -100:
+                row = logits[r, t]
+                tot += np.log(np.exp(row - row.max()).sum()) + row.max() - row[y]
+                n += 1
+    np.testing.assert_allclose(float(loss), tot / n, rtol=2e-5)
+    assert float(m["img_ratio_loss"]) == 0 and float(m["txt_ratio_loss"]) == 0
+
+
+def test_split_batch_sums_to_full_batch_loss(tiny, batch, run):
+    """Global denominators + per-sample keys: micro-batches add up to the batch loss."""
+    cfg, params = tiny
+    denom = O.loss_denominators(batch, cfg)
+    rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
+
+    @jax.jit
+    def part(bt):
+        sums, _ = O.forward_train(params, cfg, bt, rng, tau)
+        return O.combine(sums, denom, cfg)[0]
+
+    ids = np.arange(6, dtype=np.int32)
+    cw = np.asarray(O.ce_weights(jnp.asarray(batch["labels"])))
+    halves = [np.array([0, 2, 4]), np.array([1, 3, 5])]
+    total = sum(float(part({**{k: v[h] for k, v in batch.items()}, "sample_id": ids[h],
+                            "ce_weight": cw[h]})) for h in halves)
+    np.testing.assert_allclose(total, float(run["loss"]), rtol=1e-5)
+
+
+def test_ce_group_mean_is_the_official_per_device_mean():
+    """ce_group_size=k: mean over groups of k samples of each group's token-mean CE (the
+    official CrossEntropyLoss per device batch, averaged by DDP / accumulation)."""
+    rng = np.random.default_rng(0)
+    labels = np.full((8, 20), -100, np.int32)
+    for r in range(8):
+        n = int(rng.integers(1, 15))
+        labels[r, 3:3 + n] = 5
+    nll = rng.random((8, 20)).astype(np.float32)
+    _, w = O.scored_targets(jnp.asarray(labels))
+    per_sample = (np.asarray(w) * nll).sum(1)
+    for k in (0, 2, 4, 8):
+        got = float((per_sample * np.asarray(O.ce_weights(jnp.asarray(labels), k))).sum())
+        groups = [list(range(8))] if k in (0, 8) else [list(range(i, i + k)) for i in range(0, 8, k)]
+        want = np.mean([sum(per_sample[i] for i in g) / sum(np.asarray(w)[i].sum() for i in g)
+                        for g in groups])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_gumbel_tau_schedule():
+    assert float(O.gumbel_tau(0, 100)) == pytest.approx(1.0)
+    assert float(O.gumbel_tau(100, 100)) == pytest.approx(0.1)
+    assert float(O.gumbel_tau(50, 100)) == pytest.approx(0.1 ** 0.5, rel=1e-6)
+    assert float(O.gumbel_tau(50, 100, 2.0, 0.5)) == pytest.approx(1.0, rel=1e-6)

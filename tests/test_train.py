@@ -1,0 +1,158 @@
+"""Training runs on the tiny model: it learns, kill-and-resume is bit-exact, the export
+loads, the optimiser allocates nothing for frozen params, configs and CLI behave."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import configs
+from dynllava_jax import optim
+from dynllava_jax import trainer as T
+from dynllava_jax.checkpoint import load_converted, save_converted
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets" / "tiny-dynamic-llava"
+
+
+def tiny_config(**overrides):
+    c = configs.load(REPO / "configs" / "tiny_run.py")
+    return configs.apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The tiny run of configs/tiny_run.py, uninterrupted (40 steps, ~1 min on 2 cores)."""
+    wd = tmp_path_factory.mktemp("straight")
+    tr = T.Trainer(tiny_config(), wd, progress=False)
+    tr.run()
+    tr.close()
+    return wd, T.read_metrics(wd)
+
+
+def test_tiny_run_learns(straight):
+    _, rows = straight
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    ce = [r["ce"] for r in rows]
+    assert np.mean(ce[-5:]) < 0.5 * np.mean(ce[:5]), ce
+    kept = [r["img_kept"] for r in rows]
+    assert abs(np.mean(kept[-10:]) - 0.2) < 0.05, kept
+    txt = [r["txt_kept"] for r in rows]
+    assert abs(np.mean(txt[-10:]) - 0.5) < 0.1, txt
+    last = rows[-1]
+    assert last["tau"] == pytest.approx(0.1 ** (39 / 40), rel=1e-5)  # tau at step 39 of 40
+    for key in ("loss", "ce", "img_ratio_loss", "txt_ratio_loss", "img_kept", "txt_kept", "tau",
+                "lr", "predictor_lr", "grad_norm", "tokens_per_s", "step_time"):
+        assert key in last and math.isfinite(last[key])
+
+
+def test_workdir_layout_and_export(straight):
+    wd, _ = straight
+    assert (wd / "metrics.jsonl").exists()
+    assert list((wd / "tb").glob("events.out.tfevents.*"))
+    assert (wd / "checkpoints" / "40").is_dir()
+    cfg, params = load_converted(wd / "export")
+    cfg0, params0 = load_converted(ASSETS)
+    assert cfg.sparse.output_text_len_for_training == 16 and cfg.sparse.enabled
+    assert cfg.llm == cfg0.llm and cfg.vision == cfg0.vision
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params0)
+    for f in ("tokenizer.model", "tokenizer_config.json", "preprocessor_config.json"):
+        assert (wd / "export" / f).exists()
+    # trained groups moved, the frozen vision tower did not
+    np.testing.assert_array_equal(params["vision"]["layers"]["fc1"]["kernel"],
+                                  params0["vision"]["layers"]["fc1"]["kernel"])
+    assert not np.array_equal(params["llm"]["lm_head"]["kernel"], params0["llm"]["lm_head"]["kernel"])
+    assert not np.array_equal(params["image_predictor"]["out_3"]["kernel"],
+                              params0["image_predictor"]["out_3"]["kernel"])
+
+
+def test_kill_and_resume_is_bit_exact(straight, tmp_path):
+    _, want = straight
+    cfg = tiny_config(**{"checkpoint.every": 2})
+    tr = T.Trainer(cfg, tmp_path, progress=False)
+    tr.run(stop_at=5)  # checkpoints at 2 and 4; step 5 is lost with the "kill"
+    tr.close()
+    del tr
+    assert T.read_metrics(tmp_path)[-1]["step"] == 5
+    tr = T.Trainer(tiny_config(**{"checkpoint.every": 2}), tmp_path, progress=False)
+    assert tr.start_step == 4
+    tr.run(stop_at=8)
+    tr.close()
+    got = T.read_metrics(tmp_path)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for g, w in zip(got, want[:8]):
+        for k in ("loss", "ce", "img_ratio_loss", "txt_ratio_loss", "img_kept", "txt_kept",
+                  "grad_norm"):
+            assert g[k] == w[k], (g["step"], k, g[k], w[k])  # bit-exact
+
+
+def test_optimizer_has_no_state_for_frozen_params():
+    cfg, params = load_converted(ASSETS)
+    oc = tiny_config().optim
+    tx, _ = optim.make_optimizer(oc, 10)
+    groups = optim.trainable_groups(params, train_projector=False)
+    assert set(groups) == {"llm", "image_predictor", "text_predictor"}
+    tr, fr = optim.split_params(params, groups)
+    opt = jax.eval_shape(tx.init, tr)
+    n_train = sum(x.size for x in jax.tree_util.tree_leaves(tr))
+    n_opt = sum(x.size for x in jax.tree_util.tree_leaves(opt) if x.ndim > 0)
+    assert n_opt == 2 * n_train  # Adam mu + nu for trainable params only
+    assert set(fr) == {"vision", "projector"}
+
+
+def test_schedule_is_warmup_then_cosine():
+    sched = optim.make_schedule(2e-4, 100, 0.03, "cosine")
+    warm = math.ceil(0.03 * 100)
+    assert float(sched(0)) == 0.0
+    assert float(sched(warm)) == pytest.approx(2e-4)
+    for s in (1, 2, 10, 50, 99):  # HF get_cosine_schedule_with_warmup
+        if s < warm:
+            want = 2e-4 * s / warm
+        else:
+            want = 2e-4 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (100 - warm)))
+        assert float(sched(s)) == pytest.approx(want, rel=1e-5, abs=2e-4 * 1e-5)
+
+
+def test_init_from_plain_llava_adds_predictors(tmp_path):
+    cfg, params = load_converted(ASSETS)
+    plain = {k: v for k, v in params.items() if not k.endswith("_predictor")}
+    src = tmp_path / "plain"
+    pre = json.loads((ASSETS / "preprocessor_config.json").read_text())
+    save_converted(src, plain, cfg.replace_sparse(enabled=False), pre, ASSETS)
+    tr = T.Trainer(tiny_config(**{"train.total_steps": 2}), tmp_path / "wd",
+                   init_from=str(src), progress=False)
+    assert tr.cfg.sparse.enabled
+    assert "image_predictor" in tr.state.params and "text_predictor" in tr.state.params
+    tr.close()
+
+
+def test_config_overrides():
+    c = tiny_config(**{"optim.lr": "3e-4", "train.total_steps": "7", "data.num_epochs": "2",
+                       "init_from": "random", "checkpoint.async_save": "false"})
+    assert c.optim.lr == 3e-4 and c.train.total_steps == 7 and c.data.num_epochs == 2
+    assert c.init_from == "random" and c.checkpoint.async_save is False
+    with pytest.raises(ValueError):
+        tiny_config(**{"optim.nope": 1})
+    for name in ("dynamic_llava_7b", "dynamic_llava_13b"):
+        big = configs.load(REPO / "configs" / f"{name}.py")
+        assert big.train.global_batch_size == 64 and big.data.model_max_length == 2048
+        assert big.optim.lr == 5e-6 and big.optim.predictor_lr == 2e-4
+        assert big.dtype == "bfloat16" and big.sparse.mask_loss_weight == 100.0
+
+
+def test_train_cli_reports_bad_input(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_run.py"),
+         "--workdir", str(tmp_path), "--init-from", str(tmp_path / "missing"), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_run.py"),
+         "--config.optim.nope=1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and "unknown config key" in proc.stderr
