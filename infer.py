@@ -134,6 +134,8 @@ def answer_file(a, model, run, batched, Request) -> int:
     with tmp.open("w") as f, tqdm(total=len(qs), desc="answering", unit="q", file=sys.stderr) as bar:
         for chunk in batched(qs, a.batch_size):
             reqs = [Request(text, str(Path(a.image_folder) / img) if img else None) for _, text, img in chunk]
+            # A short last batch is padded with copies so that it reuses the compiled shapes.
+            reqs += reqs[-1:] * (min(a.batch_size, len(qs)) - len(reqs))
             for (qid, text, _), ans in zip(chunk, run(reqs)):
                 rec = {"question_id": qid, "prompt": text, "text": ans["text"],
                        "answer_id": uuid.uuid4().hex, "model_id": model_id,
