@@ -123,8 +123,9 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
     logits = lm_logits(params, cfg, _last(xc, count))
     score = jnp.where(jnp.arange(cap + 1)[None] < count[:, None], jnp.inf, -jnp.inf)
     state = {"dense": dense_c, "sparse": sparse_c, "dense_len": lengths.astype(jnp.int32),
-             "sparse_len": count, "sparse_limit": count + (cap - compact_len), "score": score, "next_pos": lengths.astype(jnp.int32),
-             "evicted": jnp.zeros((b,), bool), "image_keep": keep_n}
+             "sparse_len": count, "sparse_limit": count + (cap - compact_len), "score": score,
+             "next_pos": lengths.astype(jnp.int32), "evicted": jnp.zeros((b,), bool),
+             "image_keep": keep_n}
     return logits, state
 
 

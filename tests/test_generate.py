@@ -106,15 +106,17 @@ def test_batch_equals_one_by_one(model, samples, mode, use_cache):
         assert one.generated_tokens_in_cache[0] == both.generated_tokens_in_cache[i]
 
 
-def _np_layer(p, x, pos, c):
-    """One LLaMA decoder layer in NumPy for a single unpadded sequence (causal)."""
+def _np_layer(p, x, pos, c, past_k=None, past_v=None):
+    """One LLaMA decoder layer in NumPy for a single unpadded sequence: the new tokens `x`
+    attend to the cached keys/values `past_*` (lists of arrays) and causally to each other.
+    Returns (x, k, v) with k, v of the new tokens."""
     def rms(v, w):
         return w * (v / np.sqrt((v * v).mean(-1, keepdims=True) + c.rms_norm_eps))
 
     def rope(v):
         d = v.shape[-1]
         inv = 1.0 / (c.rope_theta ** (np.arange(0, d, 2) / d))
-        ang = pos[:, None] * inv[None]
+        ang = np.asarray(pos, np.float64)[:, None] * inv[None]
         cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
         rot = np.concatenate([-v[..., d // 2:], v[..., : d // 2]], -1)
         return v * cos[:, None] + rot * sin[:, None]
@@ -122,18 +124,78 @@ def _np_layer(p, x, pos, c):
     n, hd = x.shape[0], c.head_dim
     h = rms(x, p["input_norm"]["scale"])
     q = rope((h @ p["q_proj"]["kernel"]).reshape(n, c.num_heads, hd))
-    k = rope((h @ p["k_proj"]["kernel"]).reshape(n, c.num_kv_heads, hd))
-    v = (h @ p["v_proj"]["kernel"]).reshape(n, c.num_kv_heads, hd)
+    k_new = rope((h @ p["k_proj"]["kernel"]).reshape(n, c.num_kv_heads, hd))
+    v_new = (h @ p["v_proj"]["kernel"]).reshape(n, c.num_kv_heads, hd)
+    past_k, past_v = list(past_k or []), list(past_v or [])
+    m = len(past_k)
+    k = np.concatenate([np.stack(past_k), k_new]) if m else k_new
+    v = np.concatenate([np.stack(past_v), v_new]) if m else v_new
     rep = c.num_heads // c.num_kv_heads
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
     s = np.einsum("tnd,snd->nts", q, k) / np.sqrt(hd)
-    s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+    allowed = np.concatenate([np.ones((n, m), bool), np.tril(np.ones((n, n), bool))], axis=1)
+    s = np.where(allowed, s, -np.inf)
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     x = x + np.einsum("nts,snd->tnd", a, v).reshape(n, -1) @ p["o_proj"]["kernel"]
     h = rms(x, p["post_attention_norm"]["scale"])
     g, u = h @ p["gate_proj"]["kernel"], h @ p["up_proj"]["kernel"]
-    return x + (g / (1 + np.exp(-g)) * u) @ p["down_proj"]["kernel"]
+    x = x + (g / (1 + np.exp(-g)) * u) @ p["down_proj"]["kernel"]
+    return x, list(k_new), list(v_new)
+
+
+def _naive_kv_cache(cfg, params, prompt, pixels, n_new):
+    """SPEC §3.1-3.2 with caches as growing Python lists (one list of per-token K/V per
+    layer), one sequence, one token at a time: layers < l append every token; at layer l
+    the prompt's image tokens are cut to the top-k and each new token is kept iff
+    logit0 > logit1; layers >= l append only kept tokens. Returns (new tokens, kept count)."""
+    c, l = cfg.llm, cfg.sparse.sparse_layer
+    P = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    layer_p = lambda i: jax.tree_util.tree_map(lambda a: a[i], P["llm"]["layers"])
+    ks, vs = [[] for _ in range(c.num_layers)], [[] for _ in range(c.num_layers)]
+    img_at = prompt.index(-200) if -200 in prompt else None
+    n_img = cfg.num_image_tokens
+    toks = [t for t in prompt if t != -200]
+    if img_at is not None:
+        toks = toks[:img_at] + [0] * n_img + toks[img_at:]
+    x = P["llm"]["embed_tokens"]["embedding"][np.asarray(toks)]
+    if img_at is not None:
+        x[img_at: img_at + n_img] = np.asarray(image_features(params, cfg, jnp.asarray(pixels)))[0]
+    pos = list(range(len(toks)))
+    for i in range(l):
+        x, k, v = _np_layer(layer_p(i), x, pos, c)
+        ks[i] += k
+        vs[i] += v
+    keep = pos
+    if img_at is not None:
+        sc = jax.nn.log_softmax(image_scores(params, cfg, jnp.asarray(x[None], jnp.float32),
+                                             jnp.asarray([img_at]))[0], -1)[:, 0]
+        top = set(np.argsort(-np.asarray(sc), kind="stable")[: int(n_img * cfg.sparse.vision_keep_rate)].tolist())
+        keep = [j for j in pos if not (img_at <= j < img_at + n_img) or (j - img_at) in top]
+    x, pos = x[keep], keep
+    for i in range(l, c.num_layers):
+        x, k, v = _np_layer(layer_p(i), x, pos, c)
+        ks[i] += k
+        vs[i] += v
+    out, kept = [], 0
+    score_text = jax.jit(lambda p, h: text_scores(p, cfg, h))
+    for step in range(n_new):
+        h = x[-1] / np.sqrt((x[-1] ** 2).mean() + c.rms_norm_eps) * P["llm"]["norm"]["scale"]
+        out.append(int(np.argmax(h @ P["llm"]["lm_head"]["kernel"])))
+        if step == n_new - 1:
+            break
+        x = P["llm"]["embed_tokens"]["embedding"][[out[-1]]]
+        p_new = [len(toks) + step]
+        for i in range(c.num_layers):
+            if i == l:
+                lg = np.asarray(score_text(params, jnp.asarray(x, jnp.float32)))[0]
+                is_kept = bool(lg[0] > lg[1])
+                kept += is_kept
+            x, k, v = _np_layer(layer_p(i), x, p_new, c, ks[i], vs[i])
+            if i < l or is_kept:
+                ks[i] += k
+                vs[i] += v
+    return out, kept
 
 
 def _naive_dynamic(cfg, params, prompt, pixels, n_new):
@@ -161,7 +223,7 @@ def _naive_dynamic(cfg, params, prompt, pixels, n_new):
             x[img_at: img_at + n_img] = feats
         n = len(toks)
         for i in range(l):
-            x = _np_layer(layer_p(i), x, np.arange(n), cfg.llm)
+            x = _np_layer(layer_p(i), x, np.arange(n), cfg.llm)[0]
         keep = list(range(n))
         if img_at is not None:
             if top is None:  # image tokens precede every generated token: scored once
@@ -176,7 +238,7 @@ def _naive_dynamic(cfg, params, prompt, pixels, n_new):
         keep = [j for j in keep if j < p_len or j == n - 1 or bool(logits[j, 0] > logits[j, 1])]
         y = x[keep]
         for i in range(l, cfg.llm.num_layers):
-            y = _np_layer(layer_p(i), y, np.asarray(keep, np.float64), cfg.llm)
+            y = _np_layer(layer_p(i), y, np.asarray(keep, np.float64), cfg.llm)[0]
         y = y[-1] / np.sqrt((y[-1] ** 2).mean() + cfg.llm.rms_norm_eps) * P["llm"]["norm"]["scale"]
         nxt = int(np.argmax(y @ P["llm"]["lm_head"]["kernel"]))
         out.append(nxt)
@@ -191,6 +253,8 @@ def test_matches_naive_reference(model, samples):
     for i in (0, 4):  # an image prompt and the text-only one
         px = pixels[i:i + 1] if -200 in prompts[i] else None
         ref, kept = _naive_dynamic(cfg, params, prompts[i], px, N_NEW)
+        ref_kv, n_kept = _naive_kv_cache(cfg, params, prompts[i], px, N_NEW)
+        assert ref_kv == ref and n_kept == len(kept)
         for use_cache in (True, False):
             got = _run(model, [prompts[i]], px, mode="dynamic", use_cache=use_cache)
             assert got.new_token_ids[0] == ref
