@@ -472,6 +472,14 @@ class Trainer:
         ip = ImageProcessor.from_dir(self.assets_dir)
         source = make_source(dc)  # parsed once (mix665k's JSON takes seconds)
         num_records = len(source)
+        if dc.get("requires_image", False):
+            # An epoch holds only the image records (text-only ones are dropped).
+            if hasattr(source, "num_with_image"):
+                num_records = source.num_with_image
+            elif not c.train.total_steps:
+                logging.getLogger(__name__).warning(
+                    "data.requires_image with a tfds source: the epoch length counts text-only "
+                    "records too; set train.total_steps for an exact schedule")
         it = make_iterator(dc, tok, ip, cfg.num_image_tokens, seed=seed,
                            shard_index=jax.process_index(), shard_count=jax.process_count(),
                            batch_size=self.host_batch, source=source)

@@ -265,3 +265,12 @@ def test_synthetic_answer_lengths(synthetic_llava_data, tok):
     last = [len(tok.encode(r["conversations"][-1]["value"])) for r in records]
     assert sum(n >= 60 for n in last) >= 5 and sum(n < 50 for n in last) >= 5
     assert sum("image" not in r for r in records) >= 4
+
+
+def test_epoch_of_image_records_is_counted(synthetic_llava_data):
+    """`requires_image` runs size their epoch by the image records only."""
+    from dynllava_jax.data.llava_json import JsonRecords
+    records = json.loads(synthetic_llava_data.json_path.read_text())
+    with_image = sum(1 for r in records if r.get("image"))
+    assert 0 < with_image < len(records)
+    assert JsonRecords(synthetic_llava_data.json_path).num_with_image == with_image

@@ -106,6 +106,8 @@ class JsonRecords(Sequence[RawRecord]):
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         self.path = str(path)
+        # Records with an image: what one epoch has when text-only records are dropped.
+        self.num_with_image = sum(1 for r in data if isinstance(r, dict) and r.get("image") not in (None, ""))
         chunks = [json.dumps(r, ensure_ascii=False).encode() for r in data]
         del data
         self._offsets = np.zeros(len(chunks) + 1, np.int64)
