@@ -192,13 +192,14 @@ def decode_loop(params, first_logits, state, rng, temperature, top_p, *, cfg: Mo
 
 # -- no-cache mode ---------------------------------------------------------------------
 
-def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, temperature,
+def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, stats, temperature,
                     top_p, start, stop, *, cfg: ModelConfig, opts: GenOptions, full_len: int,
                     compact_len: int):
     """Steps [start, stop) of no-cache decoding on static lengths (full_len, compact_len).
 
-    Also returns the tokens each sequence kept at its last step, which bounds the compacted
-    length the next chunk needs (earlier decisions never change)."""
+    `stats` carries, per sequence: `kept` (tokens kept at its last step, which bounds the
+    compacted length the next chunk needs: earlier decisions never change), `in_cache`
+    (generated tokens fed back and kept, frozen once the sequence ended) and `image_keep`."""
     TRACES["no_cache"] += 1
     dt = compute_dtype(cfg)
     b = seq.shape[0]
@@ -211,12 +212,12 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, te
         return (i < stop) & ~jnp.all(done)
 
     def body(c):
-        i, seq, out, done, rng, _ = c
+        i, seq, out, done, rng, stats = c
         cur = lengths + i  # tokens in each sequence at this step; the newest is cur - 1
         valid = pos < cur[:, None]
         x = embed_inputs(params, cfg, seq[:, :full_len], feats, image_start)
         x, _ = run_stack(pre, cfg.llm, dt, x, pos, causal_mask(valid))
-        keep_t, _ = _image_keep(params, cfg, opts, x, image_start, full_len)
+        keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, full_len)
         gen_keep, _ = _text_keep(params, cfg, opts, x)
         is_gen = (pos >= lengths[:, None]) & (pos < cur[:, None] - 1)
         keep = valid & keep_t & (~is_gen | gen_keep)
@@ -229,12 +230,16 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, te
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
         seq = seq.at[jnp.arange(b), jnp.minimum(cur, seq.shape[1] - 1)].set(nxt)
+        # Generated tokens fed so far (all before this step's output) that were kept.
+        fed_kept = ((pos >= lengths[:, None]) & valid & gen_keep).sum(-1).astype(jnp.int32)
+        stats = {"kept": cvalid.sum(-1).astype(jnp.int32), "image_keep": keep_n,
+                 "in_cache": jnp.where(done, stats["in_cache"], fed_kept)}
         done = done | (nxt == cfg.eos_token_id)
-        return i + 1, seq, out, done, rng, cvalid.sum(-1).astype(jnp.int32)
+        return i + 1, seq, out, done, rng, stats
 
-    init = (start, seq, out, done, rng, jnp.zeros((b,), jnp.int32))
-    i, seq, out, done, rng, kept = jax.lax.while_loop(cond, body, init)
-    return seq, out, done, rng, kept
+    _, seq, out, done, rng, stats = jax.lax.while_loop(
+        cond, body, (start, seq, out, done, rng, stats))
+    return seq, out, done, rng, stats
 
 
 # -- host-side driver ----------------------------------------------------------------
@@ -324,6 +329,8 @@ def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, p
     start = 0
     bucket = max(1, opts.no_cache_bucket)
     kept_max = clen  # an upper bound on the tokens kept so far by any sequence
+    stats = {"kept": jnp.zeros((b,), jnp.int32), "in_cache": jnp.zeros((b,), jnp.int32),
+             "image_keep": jnp.ones((b, cfg.num_image_tokens), bool)}
     while start < n:
         stop = min(n, (start // bucket + 1) * bucket)
         # At step i a sequence holds lengths + i tokens: the longest is t + stop - 1. It keeps
@@ -332,35 +339,13 @@ def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, p
         # chunks share compiles).
         need = kept_max + (stop - start) if start else clen + stop
         compact = min(clen + stop, round_up(need, bucket))
-        seq, out, done, rng, kept = _jit_no_cache(
-            params, seq, lengths, image_start, feats, out, done, rng, temperature, top_p,
+        seq, out, done, rng, stats = _jit_no_cache(
+            params, seq, lengths, image_start, feats, out, done, rng, stats, temperature, top_p,
             jnp.int32(start), jnp.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
             compact_len=compact)
         if bool(jnp.all(done)):
             break
-        kept_max = int(jnp.max(kept))
+        kept_max = int(jnp.max(stats["kept"]))
         start = stop
-    # Decisions of the final sequence, for the stats (same rule as every step).
-    image_keep, in_cache = _no_cache_stats(params, seq, lengths, image_start, feats, out, cfg=cfg,
-                                           opts=opts)
-    return out, np.asarray(image_keep), np.asarray(in_cache)
+    return out, np.asarray(stats["image_keep"]), np.asarray(stats["in_cache"])
 
-
-def _no_cache_stats_impl(params, seq, lengths, image_start, feats, out, *, cfg, opts):
-    dt = compute_dtype(cfg)
-    b, t = seq.shape
-    pre, _ = split_layers(params["llm"]["layers"], _layer_split(cfg))
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-    n_out = jnp.where(out == cfg.eos_token_id, 0, 1).cumprod(-1).sum(-1)  # tokens before EOS
-    cur = lengths + jnp.minimum(n_out + 1, out.shape[1])
-    valid = pos < cur[:, None]
-    x = embed_inputs(params, cfg, seq, feats, image_start)
-    x, _ = run_stack(pre, cfg.llm, dt, x, pos, causal_mask(valid))
-    _, keep_n = _image_keep(params, cfg, opts, x, image_start, t)
-    gen_keep, _ = _text_keep(params, cfg, opts, x)
-    # Generated tokens that were fed back: all but the last generated one.
-    fed = (pos >= lengths[:, None]) & (pos < (lengths + jnp.minimum(n_out, out.shape[1] - 1))[:, None])
-    return keep_n, (fed & gen_keep).sum(-1)
-
-
-_no_cache_stats = jax.jit(_no_cache_stats_impl, static_argnames=("cfg", "opts"))
