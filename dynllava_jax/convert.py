@@ -154,6 +154,12 @@ def detect_layout(hf: dict) -> str:
 
 def _llm_config(t: dict) -> LLMConfig:
     heads = t.get("num_attention_heads", 32)
+    scaling = t.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", None):
+        raise CheckpointError(f"rope_scaling {scaling} is not supported (LLaVA-1.5 uses plain RoPE)")
+    if t.get("attention_bias") or t.get("mlp_bias"):
+        raise CheckpointError("attention_bias / mlp_bias are not supported (LLaMA has no biases)")
     return LLMConfig(
         vocab_size=t.get("vocab_size", 32000), hidden_size=t.get("hidden_size", 4096),
         num_layers=t.get("num_hidden_layers", 32), num_heads=heads,
