@@ -74,18 +74,23 @@ def save_params(path: Path, params: Any) -> None:
         ckptr.save(path, params)
         ckptr.wait_until_finished()
         return
+    # A host tree is written by this process alone, also inside a multi-host job (where
+    # Orbax would otherwise wait at barriers for processes that do not save).
+    me = jax.process_index()
+    solo = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                              barrier_sync_key_prefix=f"save_params_{me}")
     from orbax.checkpoint import type_handlers
     registry = type_handlers.create_type_handler_registry(
         (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, type_handlers.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=1,
-                                          use_ocdbt=False)
+                                          use_ocdbt=False, multiprocessing_options=solo)
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=128 << 20), params)
     absl_log = logging.getLogger("absl")  # quiet Orbax's notes on skipping OCDBT merges
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
     try:
-        with ocp.Checkpointer(handler) as ckptr:
+        with ocp.Checkpointer(handler, multiprocessing_options=solo) as ckptr:
             ckptr.save(path, args=ocp.args.PyTreeSave(params, save_args=save_args))
     finally:
         absl_log.setLevel(level)

@@ -122,7 +122,18 @@ def export_converted(dst: str | Path, params: Any, cfg, assets_dir: Optional[Pat
         if assets_dir is None or not (Path(assets_dir) / "preprocessor_config.json").exists():
             raise FileNotFoundError(f"no preprocessor_config.json in {assets_dir}")
         preprocessor = json.loads((Path(assets_dir) / "preprocessor_config.json").read_text())
-    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
-    if jax.process_index() != 0:
-        return Path(dst)
-    return save_converted(dst, host, cfg, preprocessor, assets_dir, force=force)
+    def to_host(x):
+        # Arrays sharded over several hosts are gathered (a collective: every host calls this).
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    host = jax.tree_util.tree_map(to_host, params)
+    out = Path(dst)
+    if jax.process_index() == 0:
+        out = save_converted(dst, host, cfg, preprocessor, assets_dir, force=force)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("export written")  # nobody exits before the write
+    return out

@@ -604,11 +604,7 @@ class Trainer:
             writer.close()
         self.step = step
         if step >= self.total_steps and c.checkpoint.export:
-            if jax.process_count() > 1:
-                log.warning("multi-host run: export skipped; run `train.py --config ... "
-                            "--workdir %s --export-only` on one host", self.workdir)
-            else:
-                self.export(self.workdir / "export")
+            self.export(self.workdir / "export")  # every host gathers; process 0 writes
         return last
 
     def export(self, dst: Path) -> Path:
