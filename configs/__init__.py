@@ -39,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     # CE mean: 0 = token mean over the global batch; k = mean over groups of k samples of
     # their token means (the official per-device-batch mean; see objective.py).
     c.objective.ce_group_size = 0
+    # > 0: LM head + cross-entropy over this many tokens at a time (saves the [B,T,V] logits).
+    c.objective.ce_chunk = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-6                  # LLM (+ projector)

@@ -38,6 +38,7 @@ def get_config():
     c.data.source = "json"
     c.data.seq_len = 2048
     c.data.requires_image = True  # the official run trains on image samples only
+    c.objective.ce_chunk = 512    # never hold the [8, 2048, 32000] float32 logits at once
     c.data.model_max_length = 2048
     c.data.worker_count = 8
     c.data.read_threads = 8

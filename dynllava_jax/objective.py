@@ -128,8 +128,34 @@ def sample_keys(rng, sample_ids_B):
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(sample_ids_B)
 
 
+def token_nll(params, cfg: ModelConfig, x_BTH, tgt_BT, chunk: int = 0, constrain=None):
+    """-log p(target) per token from the last hidden states, in float32.
+
+    chunk > 0 computes the LM head over `chunk` tokens at a time under `jax.checkpoint`, so
+    the [B, T, V] logits (2 GB per 8 x 2048 tokens at V = 32000) never exist at once, in the
+    forward or the backward pass; the values are the same per token."""
+    cons = constrain if constrain is not None else (lambda a: a)
+
+    def nll(x, tgt):
+        logits = cons(M.lm_logits(params, cfg, x))
+        # logsumexp(logits) - logit[target]: no second [B, T, V] buffer for log_softmax
+        picked = jnp.take_along_axis(logits, jnp.clip(tgt, 0, logits.shape[-1] - 1)[..., None],
+                                     axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
+
+    b, t, h = x_BTH.shape
+    if chunk <= 0 or chunk >= t:
+        return nll(cons(x_BTH), tgt_BT)
+    if t % chunk:
+        raise ValueError(f"objective.ce_chunk {chunk} must divide the sequence length {t}")
+    xs = x_BTH.reshape(b, t // chunk, chunk, h).swapaxes(0, 1)
+    ts = tgt_BT.reshape(b, t // chunk, chunk).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda a: nll(*a)), (xs, ts))
+    return out.swapaxes(0, 1).reshape(b, t)
+
+
 def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
-                  constrain=None):
+                  constrain=None, ce_chunk: int = 0):
     """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
 
     batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
@@ -198,12 +224,8 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
         policy = None
         x, _ = run_stack(params["llm"]["layers"], cfg.llm, dt, x, positions, mask, remat=remat)
 
-    logits = cons(M.lm_logits(params, cfg, cons(x)))  # [B,T,V] float32
     tgt, w = scored_targets(labels)
-    # nll = logsumexp(logits) - logit[target]: no second [B, T, V] buffer for log_softmax
-    picked = jnp.take_along_axis(logits, jnp.clip(tgt, 0, logits.shape[-1] - 1)[..., None],
-                                 axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    nll = token_nll(params, cfg, x, tgt, ce_chunk, constrain)
     out["ce_sum"] = jnp.where(w, nll, 0.0).sum(1)
     out["tokens"] = w.sum(1).astype(jnp.float32)
     cw = batch.get("ce_weight")
@@ -232,10 +254,11 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig) -> tuple[jax.Array, dict]
 
 
 def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
-            text_ratio_mean: str = "all", ce_group_size: int = 0, denom: Any = None):
+            text_ratio_mean: str = "all", ce_group_size: int = 0, denom: Any = None,
+            ce_chunk: int = 0):
     """Whole-batch loss (no micro-batching): (loss, metrics)."""
     if denom is None:
         denom = loss_denominators(batch, cfg, text_ratio_mean)
     batch = dict(batch, ce_weight=ce_weights(batch["labels"], ce_group_size))
-    sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat)
+    sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat, ce_chunk=ce_chunk)
     return combine(sums, denom, cfg)

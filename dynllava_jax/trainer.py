@@ -66,6 +66,7 @@ class StepConfig:
     gumbel_end_tau: float = 0.1
     text_ratio_mean: str = "all"
     ce_group_size: int = 0
+    ce_chunk: int = 0
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
@@ -90,7 +91,7 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
 
         def micro(tp, mb):
             sums, _ = O.forward_train(optim.merge_params(tp, state.frozen), cfg, mb, rng, tau,
-                                      remat=sc.remat, constrain=constrain)
+                                      remat=sc.remat, constrain=constrain, ce_chunk=sc.ce_chunk)
             loss, _ = O.combine(sums, denom, cfg)
             return loss, jax.tree_util.tree_map(jnp.sum, sums)
 
@@ -371,7 +372,8 @@ class Trainer:
             gumbel_start_tau=config.objective.gumbel_start_tau,
             gumbel_end_tau=config.objective.gumbel_end_tau,
             text_ratio_mean=config.objective.text_ratio_mean,
-            ce_group_size=int(config.objective.ce_group_size))
+            ce_group_size=int(config.objective.ce_group_size),
+            ce_chunk=int(config.objective.get("ce_chunk", 0)))
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
                                       ck.async_save)

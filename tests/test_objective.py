@@ -281,3 +281,20 @@ def test_gumbel_tau_schedule():
     assert float(O.gumbel_tau(100, 100)) == pytest.approx(0.1)
     assert float(O.gumbel_tau(50, 100)) == pytest.approx(0.1 ** 0.5, rel=1e-6)
     assert float(O.gumbel_tau(50, 100, 2.0, 0.5)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_chunked_cross_entropy_equals_whole(tiny, batch, run):
+    """objective.ce_chunk: the LM head in chunks gives the same loss and gradients."""
+    cfg, params = tiny
+
+    def f(p, bt, rng, tau):
+        sums, _ = O.forward_train(p, cfg, bt, rng, tau, ce_chunk=32)
+        return O.combine(sums, O.loss_denominators(bt, cfg), cfg)[0]
+
+    loss, grads = jax.jit(jax.value_and_grad(f))(params, batch, jax.random.PRNGKey(0),
+                                                  jnp.float32(0.5))
+    np.testing.assert_allclose(float(loss), float(run["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(run["grads"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="must divide"):
+        O.forward_train(params, cfg, batch, jax.random.PRNGKey(0), jnp.float32(0.5), ce_chunk=48)
