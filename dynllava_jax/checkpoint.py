@@ -30,7 +30,6 @@ class CheckpointDirError(ValueError):
 
 def save_converted(dst: str | Path, params: Any, cfg: ModelConfig, preprocessor: dict,
                    tokenizer_dir: Optional[Path], force: bool = False) -> Path:
-    import orbax.checkpoint as ocp
     dst = Path(dst).absolute()
     if dst.exists() and not force:
         raise CheckpointDirError(f"{dst} exists; pass --force to replace it")

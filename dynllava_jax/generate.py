@@ -16,7 +16,7 @@ masked, so a batch equals its sequences run one by one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ Letters: B batch, T query tokens, S key slots, N query heads, K kv heads, G = N/
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -39,7 +39,6 @@ def test_sparse_append_matches_list_reference():
     length = jnp.asarray(prompt)
     limit = jnp.asarray(prompt + budget_slots)
     score = jnp.where(jnp.arange(capacity + 1)[None] < length[:, None], jnp.inf, -jnp.inf)
-    caches = [[("prompt", i) for i in range(p)] for p in prompt]  # entries (name, score)
     lists = [[] for _ in range(b)]  # generated entries: (step, score)
     slots = np.full((b, capacity + 1), -1)
     for step in range(30):
