@@ -101,7 +101,10 @@ def main(argv=None) -> int:
                       vision_keep_rate=a.vision_keep_rate,
                       text_kv_budget=1.0 if a.text_kv_budget is None else a.text_kv_budget,
                       greedy=a.temperature == 0.0)
-    run = lambda reqs: model.answer(reqs, opts, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    if mode == "dense" and (a.vision_keep_rate is not None or a.text_kv_budget is not None):
+        fail(f"--vision-keep-rate and --text-kv-budget apply to --mode dynamic; {ckpt} runs dense")
+    run = lambda reqs, ids=None: model.answer(reqs, opts, temperature=a.temperature, top_p=a.top_p,
+                                              seed=a.seed, keys_from=ids)
     try:
         if a.prompt is not None:
             (ans,) = run([Request(a.prompt, a.image)])
@@ -132,11 +135,20 @@ def answer_file(a, model, run, batched, Request) -> int:
     tmp = out_path.with_name(out_path.name + ".tmp")
     model_id = model.path.name
     with tmp.open("w") as f, tqdm(total=len(qs), desc="answering", unit="q", file=sys.stderr) as bar:
-        for chunk in batched(qs, a.batch_size):
+        # A question's sampling key comes from its place in the file, not from its batch.
+        for chunk in batched(list(enumerate(qs)), a.batch_size):
+            ids = [i for i, _ in chunk]
+            chunk = [q for _, q in chunk]
             reqs = [Request(text, str(Path(a.image_folder) / img) if img else None) for _, text, img in chunk]
             # A short last batch is padded with copies so that it reuses the compiled shapes.
-            reqs += reqs[-1:] * (min(a.batch_size, len(qs)) - len(reqs))
-            for (qid, text, _), ans in zip(chunk, run(reqs)):
+            pad = min(a.batch_size, len(qs)) - len(reqs)
+            reqs, ids = reqs + reqs[-1:] * pad, ids + ids[-1:] * pad
+            try:
+                answers = run(reqs, ids)
+            except (ValueError, OSError) as e:  # bad image or prompt: say which questions
+                tmp.unlink(missing_ok=True)
+                fail(f"question(s) {[q[0] for q in chunk]}: {e}")
+            for (qid, text, _), ans in zip(chunk, answers):
                 rec = {"question_id": qid, "prompt": text, "text": ans["text"],
                        "answer_id": uuid.uuid4().hex, "model_id": model_id,
                        "metadata": {k: v for k, v in ans.items() if k != "text"}}

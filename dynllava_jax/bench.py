@@ -241,7 +241,7 @@ def run_flops(s: Setup, progress: Progress) -> dict[str, Any]:
         o = dataclasses.replace(s.opts(mode, use_cache=False), no_cache_bucket=s.bucket)
         stats = {"kept": vec, "in_cache": vec, "image_keep": S((b, s.n_img), jnp.bool_)}
         args = (params, S((b, full), i32), vec, vec, feats, S((b, n), i32), S((b,), jnp.bool_),
-                S((2,), jnp.uint32), stats, scal_f, scal_f, scal_i, scal_i)
+                S((b, 2), jnp.uint32), stats, scal_f, scal_f, scal_i, scal_i)
         return measure(name, _no_cache_chunk, args,
                        {"cfg": cfg, "opts": o, "full_len": full, "compact_len": compact}, loops=1)
 

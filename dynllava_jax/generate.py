@@ -28,7 +28,7 @@ from .inputs import Batch, round_up
 from .llama import causal_mask, run_stack, split_layers
 from .model import (compute_dtype, embed_inputs, image_features, image_scores,
                     image_token_mask, lm_logits, text_scores)
-from .sampling import sample
+from .sampling import row_keys, sample, step_keys
 from .sparsity import compaction_indices, gather_tokens, topk_keep_mask
 
 TRACES = {"prefill": 0, "decode": 0, "no_cache": 0}  # trace counters (tests check compiles)
@@ -158,33 +158,31 @@ def decode_step(params, token_B, state, active_B=None, *, cfg: ModelConfig, opts
     return logits, state
 
 
-def decode_loop(params, first_logits, state, rng, temperature, top_p, *, cfg: ModelConfig,
+def decode_loop(params, first_logits, state, keys, temperature, top_p, *, cfg: ModelConfig,
                 opts: GenOptions):
     """All decoding steps in one `lax.while_loop`; stops when every sequence hit EOS."""
     TRACES["decode"] += 1
     b = first_logits.shape[0]
     n = opts.max_new_tokens
-    rng, sub = jax.random.split(rng)
-    tok = sample(first_logits, sub, opts.greedy, temperature, top_p)
-    out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok)
+    tok = sample(first_logits, step_keys(keys, 0), opts.greedy, temperature, top_p)
+    out = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok)
     done = tok == cfg.eos_token_id
     first_gen = state["sparse_len"]
 
     def cond(c):
-        i, _, _, done, _, _ = c
+        i, _, _, done, _ = c
         return (i < n) & ~jnp.all(done)
 
     def body(c):
-        i, tok, out, done, state, rng = c
+        i, tok, out, done, state = c
         logits, state = decode_step(params, tok, state, ~done, cfg=cfg, opts=opts)
-        rng, sub = jax.random.split(rng)
-        nxt = sample(logits, sub, opts.greedy, temperature, top_p)
+        nxt = sample(logits, step_keys(keys, i), opts.greedy, temperature, top_p)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
         done = done | (nxt == cfg.eos_token_id)
-        return i + 1, nxt, out, done, state, rng
+        return i + 1, nxt, out, done, state
 
-    _, _, out, _, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, state, rng))
+    _, _, out, _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, state))
     stats = {"generated_in_cache": state["sparse_len"] - first_gen, "evicted": state["evicted"],
              "image_keep": state["image_keep"]}
     return out, stats
@@ -192,7 +190,7 @@ def decode_loop(params, first_logits, state, rng, temperature, top_p, *, cfg: Mo
 
 # -- no-cache mode ---------------------------------------------------------------------
 
-def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, stats, temperature,
+def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, stats, temperature,
                     top_p, start, stop, *, cfg: ModelConfig, opts: GenOptions, full_len: int,
                     compact_len: int):
     """Steps [start, stop) of no-cache decoding on static lengths (full_len, compact_len).
@@ -208,11 +206,11 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, st
     pos = jnp.broadcast_to(jnp.arange(full_len, dtype=jnp.int32)[None], (b, full_len))
 
     def cond(c):
-        i, _, _, done, _, _ = c
+        i, _, _, done, _ = c
         return (i < stop) & ~jnp.all(done)
 
     def body(c):
-        i, seq, out, done, rng, stats = c
+        i, seq, out, done, stats = c
         cur = lengths + i  # tokens in each sequence at this step; the newest is cur - 1
         valid = pos < cur[:, None]
         x = embed_inputs(params, cfg, seq[:, :full_len], feats, image_start)
@@ -225,8 +223,7 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, st
         xc = gather_tokens(x, idx)
         xc, _ = run_stack(post, cfg.llm, dt, xc, gather_tokens(pos, idx), causal_mask(cvalid))
         logits = lm_logits(params, cfg, _last(xc, cvalid.sum(-1)))
-        rng, sub = jax.random.split(rng)
-        nxt = sample(logits, sub, opts.greedy, temperature, top_p)
+        nxt = sample(logits, step_keys(keys, i), opts.greedy, temperature, top_p)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
         seq = seq.at[jnp.arange(b), jnp.minimum(cur, seq.shape[1] - 1)].set(nxt)
@@ -235,11 +232,10 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, rng, st
         stats = {"kept": cvalid.sum(-1).astype(jnp.int32), "image_keep": keep_n,
                  "in_cache": jnp.where(done, stats["in_cache"], fed_kept)}
         done = done | (nxt == cfg.eos_token_id)
-        return i + 1, seq, out, done, rng, stats
+        return i + 1, seq, out, done, stats
 
-    _, seq, out, done, rng, stats = jax.lax.while_loop(
-        cond, body, (start, seq, out, done, rng, stats))
-    return seq, out, done, rng, stats
+    _, seq, out, done, stats = jax.lax.while_loop(cond, body, (start, seq, out, done, stats))
+    return seq, out, done, stats
 
 
 # -- host-side driver ----------------------------------------------------------------
@@ -282,7 +278,9 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
         raise ValueError(f"mode must be 'dense' or 'dynamic', not {opts.mode!r}")
     if opts.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+    rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(rng)
+    # One key per sequence, so a sampled answer does not depend on its batch.
+    keys = rng if rng.ndim == 2 else row_keys(rng, np.arange(batch.tokens.shape[0]))
     b, t = batch.tokens.shape
     has_img = batch.image_start >= 0
     if pixels is None and has_img.any():
@@ -297,13 +295,13 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
         clen = compacted_length(batch, cfg, opts)
         logits, state = _jit_prefill(params, tokens, lengths, image_start, pixels, cfg=cfg,
                                      opts=opts, compact_len=clen)
-        out, stats = _jit_decode(params, logits, state, rng, temperature, top_p, cfg=cfg, opts=opts)
+        out, stats = _jit_decode(params, logits, state, keys, temperature, top_p, cfg=cfg, opts=opts)
         image_keep = np.asarray(stats["image_keep"])
         in_cache = np.asarray(stats["generated_in_cache"])
         evicted = np.asarray(stats["evicted"])
     else:
         out, image_keep, in_cache = _generate_no_cache(params, cfg, opts, batch, tokens, lengths,
-                                                        image_start, pixels, rng, temperature, top_p)
+                                                        image_start, pixels, keys, temperature, top_p)
         clen = compacted_length(batch, cfg, opts)
         evicted = np.zeros((b,), bool)
     out = np.asarray(out)
@@ -317,14 +315,14 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
     return GenResult(out, new_ids, kept, kept_idx, in_cache, allocated, dense, evicted)
 
 
-def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, pixels, rng,
+def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, pixels, keys,
                        temperature, top_p):
     b, t = batch.tokens.shape
     n = opts.max_new_tokens
     feats = _jit_features(params, pixels, cfg=cfg) if pixels is not None else None
     clen = compacted_length(batch, cfg, opts)
     seq = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=cfg.pad_token_id)
-    out = jnp.zeros((b, n), jnp.int32)
+    out = jnp.full((b, n), cfg.pad_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
     start = 0
     bucket = max(1, opts.no_cache_bucket)
@@ -339,8 +337,8 @@ def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, p
         # chunks share compiles).
         need = kept_max + (stop - start) if start else clen + stop
         compact = min(clen + stop, round_up(need, bucket))
-        seq, out, done, rng, stats = _jit_no_cache(
-            params, seq, lengths, image_start, feats, out, done, rng, stats, temperature, top_p,
+        seq, out, done, stats = _jit_no_cache(
+            params, seq, lengths, image_start, feats, out, done, keys, stats, temperature, top_p,
             jnp.int32(start), jnp.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
             compact_len=compact)
         if bool(jnp.all(done)):

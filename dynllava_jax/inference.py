@@ -14,6 +14,7 @@ from .conversation import build_prompt
 from .generate import GenOptions, GenResult, generate
 from .image_processing import ImageProcessor
 from .inputs import InputError, expanded_length, prepare_batch, round_up
+from .sampling import row_keys
 from .tokenizer import LlavaTokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "tiny-dynamic-llava"
@@ -47,8 +48,11 @@ class Llava:
         return self.tokenizer.tokenize_prompt(build_prompt(req.question, has_image=req.image is not None))
 
     def answer(self, requests: Sequence[Request], opts: GenOptions, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0) -> list[dict]:
-        """Answer a batch; one dict per request (the fields of `infer.py --json`)."""
+               top_p: float = 1.0, seed: int = 0, keys_from: Optional[Sequence[int]] = None) -> list[dict]:
+        """Answer a batch; one dict per request (the fields of `infer.py --json`).
+
+        keys_from: a number per request (default 0, 1, ...) that, with `seed`, fixes its sampling
+        key, so a sampled answer does not depend on the batch it is in."""
         ids = [self.prompt_ids(r) for r in requests]
         n_img = self.cfg.num_image_tokens
         limit = self.max_prompt_tokens(opts.max_new_tokens)
@@ -68,8 +72,9 @@ class Llava:
         longest = max(expanded_length(p, n_img) for p in ids)
         pad_to = min(round_up(longest, PROMPT_BUCKET), limit)
         batch = prepare_batch(ids, n_img, self.tokenizer.pad_id, pad_to=pad_to)
-        res: GenResult = generate(self.params, self.cfg, batch, pixels, opts,
-                                  rng=jax.random.PRNGKey(seed), temperature=temperature, top_p=top_p)
+        keys = row_keys(jax.random.PRNGKey(seed), range(len(requests)) if keys_from is None else keys_from)
+        res: GenResult = generate(self.params, self.cfg, batch, pixels, opts, rng=keys,
+                                  temperature=temperature, top_p=top_p)
         out = []
         for i, r in enumerate(requests):
             out.append({

@@ -6,7 +6,18 @@ import jax
 import jax.numpy as jnp
 
 
-def sample(logits_BV, rng, greedy: bool, temperature, top_p):
+def step_keys(keys_B, step):
+    """Per-sequence keys of one decoding step: the same for a sequence whatever its batch."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
+
+
+def row_keys(rng, ids_B):
+    """One key per sequence, from a seed key and the sequence's id (e.g. its request index)."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(ids_B, jnp.uint32))
+
+
+def sample(logits_BV, keys_B, greedy: bool, temperature, top_p):
+    """Next tokens [B]; keys_B holds one PRNG key per sequence (unused when greedy)."""
     if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits = logits_BV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
@@ -17,4 +28,5 @@ def sample(logits_BV, rng, greedy: bool, temperature, top_p):
     drop_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) >= top_p
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
     logits = jnp.where(drop, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    draw = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))
+    return draw(keys_B, logits).astype(jnp.int32)

@@ -201,7 +201,7 @@ def _naive_kv_cache(cfg, params, prompt, pixels, n_new):
 def _naive_dynamic(cfg, params, prompt, pixels, n_new):
     """SPEC §3 with Python lists and dynamic lengths, one sequence, no masks or padding,
     decoder layers in NumPy: every step recomputes; layers >= l see only the kept tokens,
-    at their original positions. Returns (new tokens, kept fed-back generated tokens)."""
+    at their original positions. Returns (new tokens, fed-back generated tokens kept)."""
     l = cfg.sparse.sparse_layer
     P = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
     layer_p = lambda i: jax.tree_util.tree_map(lambda a: a[i], P["llm"]["layers"])
@@ -243,7 +243,9 @@ def _naive_dynamic(cfg, params, prompt, pixels, n_new):
         nxt = int(np.argmax(y @ P["llm"]["lm_head"]["kernel"]))
         out.append(nxt)
         toks.append(nxt)
-        kept_gen = [j - p_len for j in keep if j >= p_len and j != n - 1]
+        # Decisions of every generated token fed so far (the newest one included: it is
+        # always kept in this step's recomputation, but its decision counts in later ones).
+        kept_gen = [j - p_len for j in range(p_len, n) if bool(logits[j, 0] > logits[j, 1])]
     return out, kept_gen
 
 
@@ -293,3 +295,32 @@ def test_budgeted_cache_stays_within_capacity(model, samples):
     img = prepare_batch(prompts[:4], cfg.num_image_tokens)
     res_img = generate(params, cfg, img, pixels[:4], opts)
     assert res_img.kv_cache_bytes < res_img.kv_cache_bytes_dense
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_eos_ends_each_sequence_on_its_own(model, samples, use_cache):
+    """EOS set to a token the greedy answers contain at different steps: each sequence stops
+    at its own EOS, pads after it, and equals its run alone."""
+    cfg, params = model
+    prompts, pixels = samples
+    free = _run(model, prompts, pixels, mode="dynamic")
+    counts = {}
+    for row in free.new_token_ids:
+        for tok in set(row[1:]):
+            counts[tok] = counts.get(tok, 0) + 1
+    eos = max(counts, key=counts.get)  # a token several answers produce
+    cfg_eos = cfg.replace(eos_token_id=int(eos), pad_token_id=3)
+    both = _run((cfg_eos, params), prompts, pixels, mode="dynamic", use_cache=use_cache)
+    stopped = 0
+    for i, row in enumerate(free.new_token_ids):
+        want = row[: row.index(eos)] if eos in row else row
+        assert both.new_token_ids[i] == want
+        if eos in row:
+            stopped += 1
+            k = row.index(eos)
+            assert both.tokens[i, k] == eos and (both.tokens[i, k + 1:] == 3).all()
+        px = pixels[i:i + 1] if -200 in prompts[i] else None
+        one = _run((cfg_eos, params), [prompts[i]], px, mode="dynamic", use_cache=use_cache)
+        assert one.new_token_ids[0] == both.new_token_ids[i]
+        assert one.generated_tokens_in_cache[0] == both.generated_tokens_in_cache[i]
+    assert stopped >= 2

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynllava_jax.sampling import sample
+from dynllava_jax.sampling import row_keys, sample
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = str(REPO / "assets" / "images" / "portrait.png")
@@ -60,8 +60,23 @@ def test_bad_input_is_one_line_exit_2(args, msg):
 def test_top_p_small_is_greedy_and_temperature_spreads():
     logits = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
     greedy = sample(logits, None, True, 1.0, 1.0)
-    nucleus = sample(logits, jax.random.PRNGKey(1), False, jnp.float32(1.0), jnp.float32(1e-6))
+    nucleus = sample(logits, row_keys(jax.random.PRNGKey(1), range(4)), False, jnp.float32(1.0),
+                     jnp.float32(1e-6))
     np.testing.assert_array_equal(np.asarray(greedy), np.asarray(nucleus))
-    draws = [int(sample(logits[:1], jax.random.PRNGKey(i), False, jnp.float32(5.0), jnp.float32(1.0))[0])
-             for i in range(20)]
+    draws = [int(sample(logits[:1], row_keys(jax.random.PRNGKey(i), [0]), False, jnp.float32(5.0),
+                        jnp.float32(1.0))[0]) for i in range(20)]
     assert len(set(draws)) > 1
+
+
+def test_sampled_answers_do_not_depend_on_the_batch(tmp_path):
+    """With temperature, a question's sampling key comes from its place in the file."""
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "text": t}) + "\n"
+                         for i, t in enumerate(["Hi", "What is this?", "Tell me more.", "Why?"])))
+    got = []
+    for bs in ("1", "3"):
+        r = infer("--questions", str(q), "--answers-file", str(tmp_path / f"a{bs}.jsonl"),
+                  "--batch-size", bs, "--temperature", "1.0", "--top-p", "0.9", "--max-new-tokens", "6")
+        assert r.returncode == 0, r.stderr[-2000:]
+        got.append([json.loads(x)["text"] for x in (tmp_path / f"a{bs}.jsonl").read_text().splitlines()])
+    assert got[0] == got[1]
