@@ -69,7 +69,7 @@ def compacted_length(batch: Batch, cfg: ModelConfig, opts: GenOptions) -> int:
 
 def _image_keep(params, cfg, opts, h, image_start, t):
     """[B,T] False exactly for the image tokens the predictor prunes; kept indices [B,N]."""
-    is_img = image_token_mask(cfg, image_start, t)
+    is_img = image_token_mask(cfg.num_image_tokens, image_start, t)
     if not opts.prune_vision(cfg):
         return jnp.ones(is_img.shape, bool), jnp.ones((h.shape[0], cfg.num_image_tokens), bool)
     logits = image_scores(params, cfg, h, image_start)

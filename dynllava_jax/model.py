@@ -85,15 +85,16 @@ def embed_inputs(params, cfg: ModelConfig, tokens_BT, image_feats_BNH, image_sta
     if image_feats_BNH is None:
         return x
     n = image_feats_BNH.shape[1]
+    is_img = image_token_mask(n, image_start_B, tokens_BT.shape[1])
     rel = jnp.arange(tokens_BT.shape[1])[None, :] - image_start_B[:, None]
-    is_img = (image_start_B[:, None] >= 0) & (rel >= 0) & (rel < n)
     img = jnp.take_along_axis(image_feats_BNH.astype(dt), jnp.clip(rel, 0, n - 1)[..., None], axis=1)
     return jnp.where(is_img[..., None], img, x)
 
 
-def image_token_mask(cfg: ModelConfig, image_start_B, t: int):
+def image_token_mask(num_image_tokens: int, image_start_B, t: int):
+    """[B,T]: the slots that hold image features (none where image_start is -1)."""
     rel = jnp.arange(t)[None, :] - image_start_B[:, None]
-    return (image_start_B[:, None] >= 0) & (rel >= 0) & (rel < cfg.num_image_tokens)
+    return (image_start_B[:, None] >= 0) & (rel >= 0) & (rel < num_image_tokens)
 
 
 def lm_logits(params, cfg: ModelConfig, h):

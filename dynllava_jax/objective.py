@@ -200,7 +200,7 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
             img_in = img_in & has_img[:, None]
             m_img = jnp.where(has_img[:, None], m_img, 1.0)
             rel = jnp.arange(t)[None, :] - image_start[:, None]
-            is_img = M.image_token_mask(cfg, image_start, t)
+            is_img = M.image_token_mask(cfg.num_image_tokens, image_start, t)
             p_img = jnp.take_along_axis(m_img, jnp.clip(rel, 0, n_img - 1), axis=1)
             policy = jnp.where(is_img, p_img, policy)
             r_b = (m_img * img_in).sum(1) / jnp.maximum(img_in.sum(1), 1)
