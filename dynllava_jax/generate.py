@@ -6,6 +6,9 @@
   positions carried along) and layers >= l run on it and fill the sparse caches.
 - `decode_loop`: one compiled `lax.while_loop`; each step runs the new token through all
   layers, the output-text predictor at layer l decides whether the sparse layers keep it.
+  It moves only what it must: the layers are separate buffers (`inference_params`), each
+  layer's cache is its own buffer written one slot per step in place (the state is
+  donated), and attention sees a per-row length (`kv_cache`).
 - `generate_no_cache`: recomputes the sequence every step; image and generated tokens are
   pruned at layer l and layers >= l run on a compacted length. Lengths grow in buckets:
   one compiled loop per bucket, not per step.
@@ -21,11 +24,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from . import kv_cache
 from .config import ModelConfig
 from .inputs import Batch, round_up
-from .llama import causal_mask, run_stack, split_layers
+from .llama import run_stack, split_layers
 from .model import (compute_dtype, embed_inputs, image_features, image_scores,
                     image_token_mask, lm_logits, text_scores)
 from .sampling import row_keys, sample, step_keys
@@ -94,10 +98,41 @@ def _last(x_BTH, count_B):
 
 # -- KV-cache mode -------------------------------------------------------------------
 
+@struct.dataclass
+class DecodeState:
+    """What the decode loop carries besides the tokens (donated into `decode_loop`)."""
+
+    dense: list             # layers < l: one {"k", "v"} [B, S_dense, K, D] per layer
+    sparse: list            # layers >= l: one {"k", "v"} [B, S_sparse, K, D] per layer
+    dense_len: jax.Array    # [B] filled dense slots
+    sparse_len: jax.Array   # [B] filled sparse slots
+    sparse_limit: jax.Array  # [B] slots a row may fill (its prompt + the text budget)
+    score: jax.Array        # [B, S_sparse] keep score per slot (+inf: prompt, never evicted)
+    next_pos: jax.Array     # [B] RoPE position of the next token
+    evicted: jax.Array      # [B] a budgeted cache replaced a kept token
+    image_keep: jax.Array   # [B, N] the image tokens kept at prefill
+
+
+def cache_layout(cfg: ModelConfig, opts: GenOptions, batch: int, prompt_len: int,
+                 compact_len: int) -> kv_cache.CacheLayout:
+    """The decode caches of a batch: used to allocate them and to report their bytes."""
+    l = _layer_split(cfg)
+    prune_text = opts.prune_text(cfg)
+    cap = kv_cache.sparse_capacity(compact_len, opts.max_new_tokens,
+                                   opts.text_kv_budget if prune_text else 1.0)
+    # A dropped token is written at its row's length: one slot past the limit, needed
+    # only when the predictor can drop a token.
+    return kv_cache.CacheLayout(
+        batch=batch, dense_layers=l, dense_slots=prompt_len + opts.max_new_tokens,
+        sparse_layers=cfg.llm.num_layers - l, sparse_slots=cap + prune_text,
+        kv_heads=cfg.llm.num_kv_heads, head_dim=cfg.llm.head_dim, dtype=compute_dtype(cfg).name)
+
+
 def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
             opts: GenOptions, compact_len: int):
-    """Prompt pass. Returns (first-token logits [B,V], decode state dict)."""
+    """Prompt pass. Returns (first-token logits [B,V], DecodeState)."""
     TRACES["prefill"] += 1
+    params = inference_params(params)
     dt = compute_dtype(cfg)
     b, t = tokens.shape
     l = _layer_split(cfg)
@@ -105,69 +140,69 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
     feats = image_features(params, cfg, pixels) if pixels is not None else None
     x = embed_inputs(params, cfg, tokens, feats, image_start)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-    valid = pos < lengths[:, None]
-    dense_slots = t + opts.max_new_tokens
-    dense_c = kv_cache.init_caches(l, b, dense_slots, cfg, dt)
-    x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, causal_mask(valid), dense_c, pos)
+    lengths = lengths.astype(jnp.int32)
+    layout = cache_layout(cfg, opts, b, t, compact_len)
+    dense_c, sparse_c = layout.init()
+    x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, lengths, dense_c, pos)
 
     keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, t)
-    idx, cvalid = compaction_indices(keep_t & valid, compact_len)
+    idx, cvalid = compaction_indices(keep_t & (pos < lengths[:, None]), compact_len)
     xc, posc = gather_tokens(x, idx), gather_tokens(pos, idx)
     count = cvalid.sum(-1).astype(jnp.int32)
-    cap = kv_cache.sparse_capacity(compact_len, opts.max_new_tokens,
-                                   opts.text_kv_budget if opts.prune_text(cfg) else 1.0)
-    # The scratch slot is needed only when the predictor can drop a token.
-    sparse_c = kv_cache.init_caches(cfg.llm.num_layers - l, b, cap + opts.prune_text(cfg), cfg, dt)
     slots = jnp.broadcast_to(jnp.arange(compact_len, dtype=jnp.int32)[None], (b, compact_len))
-    xc, sparse_c = run_stack(post, cfg.llm, dt, xc, posc, causal_mask(cvalid), sparse_c, slots)
+    xc, sparse_c = run_stack(post, cfg.llm, dt, xc, posc, count, sparse_c, slots)
     logits = lm_logits(params, cfg, _last(xc, count))
-    score = jnp.where(jnp.arange(cap + 1)[None] < count[:, None], jnp.inf, -jnp.inf)
-    state = {"dense": dense_c, "sparse": sparse_c, "dense_len": lengths.astype(jnp.int32),
-             "sparse_len": count, "sparse_limit": count + (cap - compact_len), "score": score,
-             "next_pos": lengths.astype(jnp.int32), "evicted": jnp.zeros((b,), bool),
-             "image_keep": keep_n}
+    score = jnp.where(jnp.arange(layout.sparse_slots)[None] < count[:, None], jnp.inf, -jnp.inf)
+    cap = layout.sparse_slots - opts.prune_text(cfg)
+    state = DecodeState(dense=dense_c, sparse=sparse_c, dense_len=lengths, sparse_len=count,
+                        sparse_limit=count + (cap - compact_len), score=score, next_pos=lengths,
+                        evicted=jnp.zeros((b,), bool), image_keep=keep_n)
     return logits, state
 
 
-def decode_step(params, token_B, state, active_B=None, *, cfg: ModelConfig, opts: GenOptions):
+def decode_step(params, token_B, state: DecodeState, active_B=None, *, cfg: ModelConfig,
+                opts: GenOptions):
     """Feed one token per sequence through every layer; returns (logits [B,V], state).
 
-    active_B False marks sequences that already ended (EOS): their tokens never enter the
-    sparse caches, so the cache statistics count only real answers."""
+    Each layer writes one slot of its own cache and attends the first `visible` slots of
+    each row. active_B False marks sequences that already ended (EOS): their tokens never
+    enter the sparse caches, so the cache statistics count only real answers."""
+    params = inference_params(params)
     dt = compute_dtype(cfg)
-    l = _layer_split(cfg)
-    pre, post = split_layers(params["llm"]["layers"], l)
+    pre, post = split_layers(params["llm"]["layers"], _layer_split(cfg))
     x = embed_inputs(params, cfg, token_B[:, None], None, None)
-    pos = state["next_pos"][:, None]
-    d_slot = state["dense_len"]
-    d_slots = state["dense"]["k"].shape[2]
-    x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, kv_cache.visible(d_slots, d_slot, d_slot),
-                           state["dense"], d_slot[:, None], attend_cache=True)
+    pos = state.next_pos[:, None]
+    d_slot = state.dense_len
+    x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, d_slot + 1, state.dense, d_slot[:, None],
+                           attend_cache=True, causal=False)
     keep, score = _text_keep(params, cfg, opts, x[:, 0])
     if active_B is not None:
         keep = keep & active_B
-    s_slots = state["sparse"]["k"].shape[2]
-    slot, s_len, s_score, evicted = kv_cache.sparse_append(
-        state["sparse_len"], state["score"], keep, score, state["sparse_limit"])
-    x, sparse_c = run_stack(post, cfg.llm, dt, x, pos, kv_cache.visible(s_slots, state["sparse_len"], slot),
-                            state["sparse"], slot[:, None], attend_cache=True)
+    slot, s_len, s_score, evicted, visible = kv_cache.sparse_append(
+        state.sparse_len, state.score, keep, score, state.sparse_limit)
+    x, sparse_c = run_stack(post, cfg.llm, dt, x, pos, visible, state.sparse, slot[:, None],
+                            attend_cache=True, causal=False)
     logits = lm_logits(params, cfg, x[:, 0])
-    state = dict(state, dense=dense_c, sparse=sparse_c, dense_len=d_slot + 1, sparse_len=s_len,
-                 score=s_score, next_pos=state["next_pos"] + 1,
-                 evicted=state["evicted"] | evicted)
+    state = state.replace(dense=dense_c, sparse=sparse_c, dense_len=d_slot + 1, sparse_len=s_len,
+                          score=s_score, next_pos=state.next_pos + 1,
+                          evicted=state.evicted | evicted)
     return logits, state
 
 
-def decode_loop(params, first_logits, state, keys, temperature, top_p, *, cfg: ModelConfig,
-                opts: GenOptions):
-    """All decoding steps in one `lax.while_loop`; stops when every sequence hit EOS."""
+def decode_loop(params, first_logits, state: DecodeState, keys, temperature, top_p, *,
+                cfg: ModelConfig, opts: GenOptions):
+    """All decoding steps in one `lax.while_loop`; stops when every sequence hit EOS.
+
+    Returns (tokens [B, max_new], stats, final state). The state is returned so that the
+    donated input caches alias it: the loop then updates them in place, never copying."""
     TRACES["decode"] += 1
+    params = inference_params(params)  # outside the loop: a no-op for unstacked params
     b = first_logits.shape[0]
     n = opts.max_new_tokens
     tok = sample(first_logits, step_keys(keys, 0), opts.greedy, temperature, top_p)
     out = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok)
     done = tok == cfg.eos_token_id
-    first_gen = state["sparse_len"]
+    first_gen = state.sparse_len
 
     def cond(c):
         i, _, _, done, _ = c
@@ -183,14 +218,14 @@ def decode_loop(params, first_logits, state, keys, temperature, top_p, *, cfg: M
         return i + 1, nxt, out, done, state
 
     _, _, out, _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, state))
-    stats = {"generated_in_cache": state["sparse_len"] - first_gen, "evicted": state["evicted"],
-             "image_keep": state["image_keep"]}
-    return out, stats
+    stats = {"generated_in_cache": state.sparse_len - first_gen, "evicted": state.evicted,
+             "image_keep": state.image_keep}
+    return out, stats, state
 
 
 # -- no-cache mode ---------------------------------------------------------------------
 
-def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, stats, temperature,
+def no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, stats, temperature,
                     top_p, start, stop, *, cfg: ModelConfig, opts: GenOptions, full_len: int,
                     compact_len: int):
     """Steps [start, stop) of no-cache decoding on static lengths (full_len, compact_len).
@@ -199,6 +234,7 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, s
     compacted length the next chunk needs: earlier decisions never change), `in_cache`
     (generated tokens fed back and kept, frozen once the sequence ended) and `image_keep`."""
     TRACES["no_cache"] += 1
+    params = inference_params(params)
     dt = compute_dtype(cfg)
     b = seq.shape[0]
     l = _layer_split(cfg)
@@ -214,22 +250,23 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, s
         cur = lengths + i  # tokens in each sequence at this step; the newest is cur - 1
         valid = pos < cur[:, None]
         x = embed_inputs(params, cfg, seq[:, :full_len], feats, image_start)
-        x, _ = run_stack(pre, cfg.llm, dt, x, pos, causal_mask(valid))
+        x, _ = run_stack(pre, cfg.llm, dt, x, pos, cur)
         keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, full_len)
         gen_keep, _ = _text_keep(params, cfg, opts, x)
         is_gen = (pos >= lengths[:, None]) & (pos < cur[:, None] - 1)
         keep = valid & keep_t & (~is_gen | gen_keep)
         idx, cvalid = compaction_indices(keep, compact_len)
         xc = gather_tokens(x, idx)
-        xc, _ = run_stack(post, cfg.llm, dt, xc, gather_tokens(pos, idx), causal_mask(cvalid))
-        logits = lm_logits(params, cfg, _last(xc, cvalid.sum(-1)))
+        kept = cvalid.sum(-1).astype(jnp.int32)
+        xc, _ = run_stack(post, cfg.llm, dt, xc, gather_tokens(pos, idx), kept)
+        logits = lm_logits(params, cfg, _last(xc, kept))
         nxt = sample(logits, step_keys(keys, i), opts.greedy, temperature, top_p)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
         seq = seq.at[jnp.arange(b), jnp.minimum(cur, seq.shape[1] - 1)].set(nxt)
         # Generated tokens fed so far (all before this step's output) that were kept.
         fed_kept = ((pos >= lengths[:, None]) & valid & gen_keep).sum(-1).astype(jnp.int32)
-        stats = {"kept": cvalid.sum(-1).astype(jnp.int32), "image_keep": keep_n,
+        stats = {"kept": kept, "image_keep": keep_n,
                  "in_cache": jnp.where(done, stats["in_cache"], fed_kept)}
         done = done | (nxt == cfg.eos_token_id)
         return i + 1, seq, out, done, stats
@@ -240,11 +277,26 @@ def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, s
 
 # -- host-side driver ----------------------------------------------------------------
 
-_jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len"))
-_jit_decode = jax.jit(decode_loop, static_argnames=("cfg", "opts"))
-_jit_no_cache = jax.jit(_no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len"))
+jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len"))
+jit_decode = jax.jit(decode_loop, static_argnames=("cfg", "opts"), donate_argnames=("state",))
+jit_no_cache = jax.jit(no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len"))
 _jit_features = jax.jit(lambda params, pixels, cfg: image_features(params, cfg, pixels),
                         static_argnames=("cfg",))
+
+
+def inference_params(params):
+    """Params with the LLM layers as a per-layer list (what generation runs on).
+
+    Checkpoints and training stack the layers on axis 0; a decoding loop over stacked
+    weights would slice (copy) each layer's weights on every step. Unstacking once gives
+    each layer its own buffers (while both exist, the LLM layers take twice their memory:
+    drop the stacked tree after this call). Idempotent."""
+    layers = params["llm"]["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    per_layer = [jax.tree_util.tree_map(lambda a: a[i], layers) for i in range(n)]
+    return dict(params, llm=dict(params["llm"], layers=per_layer))
 
 
 @dataclasses.dataclass
@@ -259,25 +311,25 @@ class GenResult:
     evicted: np.ndarray                 # [B] a budgeted cache replaced a token
 
 
-def _kv_bytes(cfg, opts, b, t, compact_len, dt) -> tuple[int, int]:
-    l = _layer_split(cfg)
-    dense_slots = t + opts.max_new_tokens
-    dense = kv_cache.cache_bytes(cfg.llm.num_layers, b, dense_slots, cfg, dt)
+def kv_bytes(cfg: ModelConfig, opts: GenOptions, b: int, t: int, compact_len: int) -> tuple[int, int]:
+    """(KV bytes allocated in this mode, in dense mode) for a batch [b, t]."""
+    dense = cache_layout(cfg, dataclasses.replace(opts, mode="dense"), b, t, t).bytes
     if not opts.use_cache:
         return 0, dense
-    cap = kv_cache.sparse_capacity(compact_len, opts.max_new_tokens,
-                                   opts.text_kv_budget if opts.prune_text(cfg) else 1.0)
-    return (kv_cache.cache_bytes(l, b, dense_slots, cfg, dt)
-            + kv_cache.cache_bytes(cfg.llm.num_layers - l, b, cap + opts.prune_text(cfg), cfg, dt)), dense
+    return cache_layout(cfg, opts, b, t, compact_len).bytes, dense
 
 
 def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray],
              opts: GenOptions, rng=None, temperature: float = 1.0, top_p: float = 1.0) -> GenResult:
-    """Generate for a right-padded batch (see inputs.prepare_batch)."""
+    """Generate for a right-padded batch (see inputs.prepare_batch).
+
+    `params` may be stacked (as loaded) or `inference_params(params)`; pass the latter
+    when calling repeatedly, so that the layers are unstacked once."""
     if opts.mode not in ("dense", "dynamic"):
         raise ValueError(f"mode must be 'dense' or 'dynamic', not {opts.mode!r}")
     if opts.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    params = inference_params(params)
     rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(rng)
     # One key per sequence, so a sampled answer does not depend on its batch.
     keys = rng if rng.ndim == 2 else row_keys(rng, np.arange(batch.tokens.shape[0]))
@@ -289,20 +341,20 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
         pixels = None
     tokens, lengths = jnp.asarray(batch.tokens), jnp.asarray(batch.lengths)
     image_start = jnp.asarray(batch.image_start)
-    dt = compute_dtype(cfg)
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+    clen = compacted_length(batch, cfg, opts)
     if opts.use_cache:
-        clen = compacted_length(batch, cfg, opts)
-        logits, state = _jit_prefill(params, tokens, lengths, image_start, pixels, cfg=cfg,
-                                     opts=opts, compact_len=clen)
-        out, stats = _jit_decode(params, logits, state, keys, temperature, top_p, cfg=cfg, opts=opts)
+        logits, state = jit_prefill(params, tokens, lengths, image_start, pixels, cfg=cfg,
+                                    opts=opts, compact_len=clen)
+        out, stats, state = jit_decode(params, logits, state, keys, temperature, top_p,
+                                       cfg=cfg, opts=opts)
+        del state
         image_keep = np.asarray(stats["image_keep"])
         in_cache = np.asarray(stats["generated_in_cache"])
         evicted = np.asarray(stats["evicted"])
     else:
         out, image_keep, in_cache = _generate_no_cache(params, cfg, opts, batch, tokens, lengths,
                                                         image_start, pixels, keys, temperature, top_p)
-        clen = compacted_length(batch, cfg, opts)
         evicted = np.zeros((b,), bool)
     out = np.asarray(out)
     new_ids = []
@@ -311,7 +363,7 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
         new_ids.append(ids[: ids.index(cfg.eos_token_id)] if cfg.eos_token_id in ids else ids)
     kept_idx = [np.nonzero(image_keep[i])[0].tolist() if has_img[i] else None for i in range(b)]
     kept = np.array([len(k) if k is not None else 0 for k in kept_idx])
-    allocated, dense = _kv_bytes(cfg, opts, b, t, clen, dt)
+    allocated, dense = kv_bytes(cfg, opts, b, t, clen)
     return GenResult(out, new_ids, kept, kept_idx, in_cache, allocated, dense, evicted)
 
 
@@ -337,7 +389,7 @@ def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, p
         # chunks share compiles).
         need = kept_max + (stop - start) if start else clen + stop
         compact = min(clen + stop, round_up(need, bucket))
-        seq, out, done, stats = _jit_no_cache(
+        seq, out, done, stats = jit_no_cache(
             params, seq, lengths, image_start, feats, out, done, keys, stats, temperature, top_p,
             jnp.int32(start), jnp.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
             compact_len=compact)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from .config import LLMConfig
-from .sparsity import masked_softmax
+from . import kv_cache
+from .attention import attention
 
 
 class RMSNorm(nn.Module):
@@ -42,37 +43,21 @@ def apply_rope(x_BTHD, positions_BT, theta: float):
     return (xf * cos + rot * sin).astype(x_BTHD.dtype)
 
 
-def attend(q_BTND, k_BSKD, v_BSKD, mask_BTS, policy_BS=None):
-    """Grouped-query attention; scores and softmax in float32."""
-    b, t, n, d = q_BTND.shape
-    kh = k_BSKD.shape[2]
-    q = q_BTND.reshape(b, t, kh, n // kh, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32)
-    s = s * (d ** -0.5)
-    p = masked_softmax(s, mask_BTS[:, None, None, :, :], policy_BS)
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_BSKD.dtype), v_BSKD)
-    return o.reshape(b, t, n, d)
-
-
-def write_cache(cache_BSKD, new_BTKD, slots_BT):
-    """cache[b, slots[b, t]] = new[b, t]; out-of-range slots are skipped."""
-    b = jnp.arange(cache_BSKD.shape[0])[:, None]
-    return cache_BSKD.at[b, slots_BT].set(new_BTKD.astype(cache_BSKD.dtype), mode="drop")
-
-
 class DecoderLayer(nn.Module):
     cfg: LLMConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, write_slots=None,
-                 attend_cache: bool = False, policy=None):
+    def __call__(self, x, positions, kv_lengths, cache=None, write_slots=None,
+                 attend_cache: bool = False, policy=None, causal: bool = True):
         """One decoder layer.
 
-        x [B,T,H]; positions [B,T]; mask [B,T,S] (S = T, or the cache size when
-        attend_cache); cache: dict(k, v) [B,S,K,D] or None; write_slots [B,T] where the new
-        K/V go in the cache; policy [B,T] (training MaskedSoftmax) or None.
-        Returns (x, cache).
+        x [B,T,H]; positions [B,T]; kv_lengths [B]: keys at or past a row's length are
+        invisible (right padding, or the filled part of a cache); causal: query i sees
+        keys j <= i (prompt passes; a decode step attends its cache without it).
+        cache: dict(k, v) [B,K,S,D] or None; write_slots [B,T] where the new K/V go in
+        the cache; attend_cache: attend the cache (decode) instead of this pass's K/V;
+        policy [B,T] (training MaskedSoftmax) or None. Returns (x, cache).
         """
         c = self.cfg
         dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=self.dtype, name=name)
@@ -84,12 +69,13 @@ class DecoderLayer(nn.Module):
         q = apply_rope(q, positions, c.rope_theta)
         k = apply_rope(k, positions, c.rope_theta)
         if cache is not None:
-            cache = {"k": write_cache(cache["k"], k, write_slots),
-                     "v": write_cache(cache["v"], v, write_slots)}
+            cache = {"k": kv_cache.write(cache["k"], k, write_slots),
+                     "v": kv_cache.write(cache["v"], v, write_slots)}
         if attend_cache:
-            o = attend(q, cache["k"].astype(self.dtype), cache["v"].astype(self.dtype), mask, policy)
+            o = attention(q, cache["k"], cache["v"], causal=causal, kv_lengths_B=kv_lengths,
+                          kv_layout="bksd")
         else:
-            o = attend(q, k, v, mask, policy)
+            o = attention(q, k, v, causal=causal, kv_lengths_B=kv_lengths, policy_BS=policy)
         x = x + dense(c.hidden_size, "o_proj")(o.reshape(b, t, -1))
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(x)
         g = dense(c.intermediate_size, "gate_proj")(h)
@@ -106,21 +92,32 @@ REMAT_POLICIES = {
 }
 
 
-def run_stack(layer_params, cfg: LLMConfig, dtype, x, positions, mask, caches=None,
-              write_slots=None, attend_cache=False, policy=None, remat: str = "none"):
-    """Run a stack of decoder layers (params and caches stacked on axis 0) with `lax.scan`."""
+def run_stack(layer_params, cfg: LLMConfig, dtype, x, positions, kv_lengths, caches=None,
+              write_slots=None, attend_cache=False, policy=None, remat: str = "none",
+              causal: bool = True):
+    """Run a stack of decoder layers.
+
+    `layer_params` (and `caches`) are either stacked on axis 0 (training, checkpoints:
+    run with `lax.scan`) or a list with one entry per layer (inference, see
+    `generate.inference_params`: a Python loop, so that no layer's weights or cache is sliced out of
+    a stacked buffer, i.e. copied, inside a decoding loop)."""
     layer = DecoderLayer(cfg, dtype)
+    if REMAT_POLICIES.get(remat, "bad") == "bad":
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
 
     def body(h, xs):
         p, cache = xs
-        h, cache = layer.apply({"params": p}, h, positions, mask, cache, write_slots,
-                               attend_cache, policy)
-        return h, cache
+        return layer.apply({"params": p}, h, positions, kv_lengths, cache, write_slots,
+                           attend_cache, policy, causal)
 
-    if REMAT_POLICIES.get(remat, "bad") == "bad":
-        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    if isinstance(layer_params, (list, tuple)):
+        out = []
+        for i, p in enumerate(layer_params):
+            x, c = body(x, (p, None if caches is None else caches[i]))
+            out.append(c)
+        return x, (None if caches is None else out)
     if jax.tree_util.tree_leaves(layer_params)[0].shape[0] == 0:
         return x, caches
     x, caches = jax.lax.scan(body, x, (layer_params, caches))
@@ -128,13 +125,8 @@ def run_stack(layer_params, cfg: LLMConfig, dtype, x, positions, mask, caches=No
 
 
 def split_layers(layer_params, at: int):
-    """Stacked layer params -> (layers [0, at), layers [at, L))."""
+    """Layer params (stacked or a per-layer list) -> (layers [0, at), layers [at, L))."""
+    if isinstance(layer_params, (list, tuple)):
+        return list(layer_params[:at]), list(layer_params[at:])
     return (jax.tree_util.tree_map(lambda a: a[:at], layer_params),
             jax.tree_util.tree_map(lambda a: a[at:], layer_params))
-
-
-def causal_mask(valid_BT):
-    """[B,T,T]: query i sees key j iff j <= i and j is a real token."""
-    t = valid_BT.shape[1]
-    tri = jnp.tril(jnp.ones((t, t), bool))
-    return tri[None] & valid_BT[:, None, :]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import ModelConfig
-from .llama import DecoderLayer, RMSNorm, causal_mask, run_stack
+from .llama import DecoderLayer, RMSNorm, run_stack
 from .predictors import ImagePredictor, TextPredictor
 from .vision import CLIPEmbeddings, CLIPEncoderLayer, Projector, vision_features
 
@@ -51,7 +51,7 @@ def init_params(cfg: ModelConfig, rng, with_predictors: bool | None = None):
             "embed_tokens": nn.Embed(l.vocab_size, l.hidden_size).init(
                 ks[3], jnp.zeros((1, 1), jnp.int32))["params"],
             "layers": _stacked_init(DecoderLayer(l), l.num_layers, ks[4], h, pos,
-                                    causal_mask(jnp.ones((1, 4), bool))),
+                                    jnp.full((1,), 4, jnp.int32)),
             "norm": RMSNorm(l.rms_norm_eps).init(ks[5], h)["params"],
             "lm_head": nn.Dense(l.vocab_size, use_bias=False).init(ks[6], h)["params"],
         },
@@ -106,21 +106,23 @@ def lm_logits(params, cfg: ModelConfig, h):
 
 
 def image_scores(params, cfg: ModelConfig, h_BTH, image_start_B, decision_BN=None):
-    """Image-predictor logits [B, N, 2] for the image tokens of each sample."""
+    """Image-predictor logits [B, N, 2] (float32) for the image tokens of each sample."""
     n = cfg.num_image_tokens
     idx = jnp.clip(image_start_B, 0, None)[:, None] + jnp.arange(n)[None, :]
     idx = jnp.clip(idx, 0, h_BTH.shape[1] - 1)
     x = jnp.take_along_axis(h_BTH, idx[..., None], axis=1)
     if decision_BN is None:
-        decision_BN = jnp.ones(idx.shape, x.dtype)
-    return ImagePredictor(cfg.sparse, compute_dtype(cfg)).apply(
-        {"params": params["image_predictor"]}, x, decision_BN)
+        decision_BN = jnp.ones(idx.shape, jnp.float32)
+    # Float32 whatever the compute dtype: in bf16 the top-k has ties and near-zero
+    # keep/drop margins flip (the predictors are < 1 % of the FLOPs).
+    return ImagePredictor(cfg.sparse, jnp.float32).apply(
+        {"params": params["image_predictor"]}, x.astype(jnp.float32), decision_BN)
 
 
 def text_scores(params, cfg: ModelConfig, h):
-    """Output-text-predictor logits [..., 2]."""
-    return TextPredictor(cfg.sparse, compute_dtype(cfg)).apply(
-        {"params": params["text_predictor"]}, h)
+    """Output-text-predictor logits [..., 2], in float32 (see `image_scores`)."""
+    return TextPredictor(cfg.sparse, jnp.float32).apply(
+        {"params": params["text_predictor"]}, h.astype(jnp.float32))
 
 
 def forward_dense(params, cfg: ModelConfig, tokens_BT, lengths_B, pixels_BCHW=None,
@@ -134,7 +136,6 @@ def forward_dense(params, cfg: ModelConfig, tokens_BT, lengths_B, pixels_BCHW=No
         image_start_B = jnp.full((b,), -1, jnp.int32)
     x = embed_inputs(params, cfg, tokens_BT, feats, image_start_B)
     positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-    valid = positions < lengths_B[:, None]
     x, _ = run_stack(params["llm"]["layers"], cfg.llm, compute_dtype(cfg), x, positions,
-                     causal_mask(valid), remat=remat)
+                     lengths_B, remat=remat)
     return lm_logits(params, cfg, x)

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 
 from . import model as M
 from .config import ModelConfig
-from .llama import causal_mask, run_stack, split_layers
+from .llama import run_stack, split_layers
 from .sparsity import gumbel_hard_keep
 
 IGNORE = -100
@@ -179,8 +179,6 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     cons = constrain if constrain is not None else (lambda a: a)
     x = cons(M.embed_inputs(params, cfg, tokens, feats, image_start))
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-    valid = positions < lengths[:, None]
-    mask = causal_mask(valid)
 
     zeros_B = jnp.zeros((b,), jnp.float32)
     out = {"img_sq": zeros_B, "img_kept": zeros_B, "has_img": zeros_B,
@@ -188,7 +186,7 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     sparse = sc.enabled and (sc.use_vision_predictor or sc.use_output_text_predictor)
     if sparse:
         lower, upper = split_layers(params["llm"]["layers"], sc.sparse_layer)
-        x, _ = run_stack(lower, cfg.llm, dt, x, positions, mask, remat=remat)
+        x, _ = run_stack(lower, cfg.llm, dt, x, positions, lengths, remat=remat)
         x = cons(x)
         policy = jnp.ones((b, t), jnp.float32)
         n_img = cfg.num_image_tokens
@@ -219,10 +217,10 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
             lf = long.astype(jnp.float32)
             out.update(txt_sq=lf * (sc.output_text_keep_rate - r_b) ** 2,
                        txt_kept=lf * r_b, txt_long=lf)
-        x, _ = run_stack(upper, cfg.llm, dt, x, positions, mask, policy=policy, remat=remat)
+        x, _ = run_stack(upper, cfg.llm, dt, x, positions, lengths, policy=policy, remat=remat)
     else:
         policy = None
-        x, _ = run_stack(params["llm"]["layers"], cfg.llm, dt, x, positions, mask, remat=remat)
+        x, _ = run_stack(params["llm"]["layers"], cfg.llm, dt, x, positions, lengths, remat=remat)
 
     tgt, w = scored_targets(labels)
     nll = token_nll(params, cfg, x, tgt, ce_chunk, constrain)

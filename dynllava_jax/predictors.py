@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from .attention import attention
 from .config import SparseConfig
 
 _gelu = lambda x: nn.gelu(x, approximate=False)
@@ -30,9 +30,7 @@ class PredictorBlock(nn.Module):
         qkv = nn.Dense(3 * d, use_bias=False, dtype=self.dtype, name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, self.nhead, hd), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        s = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-        p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bnts,bsnd->btnd", p, v).reshape(b, t, d)
+        o = attention(q, k, v).reshape(b, t, d)
         x = x + nn.Dense(d, dtype=self.dtype, name="proj")(o)
         h = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm2")(x)
         h = nn.Dense(self.dim_feedforward, dtype=self.dtype, name="fc1")(h)

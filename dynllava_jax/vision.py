@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .attention import attention
 from .config import VisionConfig
 
 
@@ -34,9 +35,7 @@ class CLIPEncoderLayer(nn.Module):
         q = dense(d, "q_proj")(h).reshape(b, t, c.num_heads, hd)
         k = dense(d, "k_proj")(h).reshape(b, t, c.num_heads, hd)
         v = dense(d, "v_proj")(h).reshape(b, t, c.num_heads, hd)
-        s = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-        p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bnts,bsnd->btnd", p, v).reshape(b, t, d)
+        o = attention(q, k, v).reshape(b, t, d)
         x = x + dense(d, "out_proj")(o)
         h = ln("layer_norm2")(x)
         h = dense(d, "fc2")(quick_gelu(dense(c.intermediate_size, "fc1")(h)))

@@ -11,22 +11,22 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dynllava_jax import bench, flops as F
+from dynllava_jax import bench, bench_flops, flops as F
 from dynllava_jax.config import preset
-from dynllava_jax.generate import GenOptions, _kv_bytes, prefill
+from dynllava_jax.generate import GenOptions, kv_bytes, prefill
 
 REPO = Path(__file__).resolve().parents[1]
 S = jax.ShapeDtypeStruct
 
 
 def _prefill_flops(cfg, mode, t=100, b=1, with_image=True):
-    params = bench.abstract_params(cfg)
+    params = bench_flops.abstract_params(cfg)
     o = GenOptions(max_new_tokens=8, mode=mode)
     n_img = cfg.num_image_tokens
     clen = t - (n_img - o.keep_k(cfg)) if with_image else t
     px = S((b, 3, cfg.vision.image_size, cfg.vision.image_size), jnp.float32) if with_image else None
     vec = S((b,), jnp.int32)
-    x = bench.xla_flops(prefill, (params, S((b, t), jnp.int32), vec, vec, px),
+    x = bench_flops.xla_flops(prefill, (params, S((b, t), jnp.int32), vec, vec, px),
                         {"cfg": cfg, "opts": o, "compact_len": clen})
     a = b * F.prefill_llm(cfg, t, clen, predictor=with_image and o.prune_vision(cfg))
     if with_image:
@@ -41,13 +41,13 @@ def test_unrolled_scan_counts_every_layer_and_loops_are_refused():
     def stack(w, x):
         return jax.lax.scan(lambda h, wi: (h @ wi, None), x, w)[0]
 
-    assert bench.xla_flops(stack, (w, x), {}) == pytest.approx(4 * 2 * 8 * 32 * 32, rel=0.01)
+    assert bench_flops.xla_flops(stack, (w, x), {}) == pytest.approx(4 * 2 * 8 * 32 * 32, rel=0.01)
 
     def loop(w, x):
         return jax.lax.fori_loop(0, jnp.int32(w.shape[0]), lambda i, h: h @ w[i], x)
 
     with pytest.raises(RuntimeError, match="while loops"):
-        bench.xla_flops(loop, (w, x), {})
+        bench_flops.xla_flops(loop, (w, x), {})
 
 
 @pytest.mark.parametrize("mode", ["dense", "dynamic"])
@@ -85,7 +85,7 @@ def test_kv_bytes_dynamic_below_dense():
     batch = prepare_batch([[1] * 10 + [IMAGE_MARKER] + [1] * 20] * 2, cfg.num_image_tokens, pad_to=128)
     for budget in (1.0, 0.5):
         o = GenOptions(max_new_tokens=64, mode="dynamic", text_kv_budget=budget)
-        alloc, dense = _kv_bytes(cfg, o, 2, 128, compacted_length(batch, cfg, o), jnp.float32)
+        alloc, dense = kv_bytes(cfg, o, 2, 128, compacted_length(batch, cfg, o))
         assert alloc < dense
 
 

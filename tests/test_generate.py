@@ -75,13 +75,13 @@ def test_kv_cache_equals_no_cache(model, samples, bucket, monkeypatch):
     """Bucket 4: three chunks, each compacted to what was kept by the previous one."""
     prompts, pixels = samples
     lengths = []
-    real = gen._jit_no_cache
+    real = gen.jit_no_cache
 
     def spy(*a, **kw):
         lengths.append(kw["compact_len"])
         return real(*a, **kw)
 
-    monkeypatch.setattr(gen, "_jit_no_cache", spy)
+    monkeypatch.setattr(gen, "jit_no_cache", spy)
     kv = _run(model, prompts, pixels, mode="dynamic", use_cache=True)
     nc = _run(model, prompts, pixels, mode="dynamic", use_cache=False, no_cache_bucket=bucket)
     if bucket == 4:  # later chunks run layers >= l on fewer slots than prompt + chunk end

@@ -40,12 +40,13 @@ def test_sparse_append_matches_list_reference():
     limit = jnp.asarray(prompt + budget_slots)
     score = jnp.where(jnp.arange(capacity + 1)[None] < length[:, None], jnp.inf, -jnp.inf)
     lists = [[] for _ in range(b)]  # generated entries: (step, score)
-    slots = np.full((b, capacity + 1), -1)
+    slots = np.full((b, capacity + 1), -1)  # which step's K/V each slot holds
     for step in range(30):
         keep = rng.random(b) < 0.6
         s = rng.normal(size=b).astype(np.float32)
-        slot, length, score, evicted = kv_cache.sparse_append(length, score, jnp.asarray(keep),
-                                                              jnp.asarray(s), limit)
+        old_len = np.asarray(length)
+        slot, length, score, evicted, visible = kv_cache.sparse_append(
+            length, score, jnp.asarray(keep), jnp.asarray(s), limit)
         for i in range(b):
             # Reference: kept tokens append while there is room; when full, a kept token
             # replaces the lowest-scoring generated one if it scores higher.
@@ -60,18 +61,18 @@ def test_sparse_append_matches_list_reference():
                         ev = True
             assert bool(evicted[i]) == ev
             assert int(length[i]) == prompt[i] + len(lists[i])
-            if int(slot[i]) < capacity:
-                slots[i, int(slot[i])] = step
+            # Every token is written at its row's length unless it replaces a slot, and
+            # it sees exactly the filled slots plus its own: a pure per-row length.
+            assert int(slot[i]) == (int(slot[i]) if ev else old_len[i]) <= int(limit[i])
+            assert int(visible[i]) == (old_len[i] if ev else old_len[i] + 1)
+            slots[i, int(slot[i])] = step
+            seen = slots[i, prompt[i]: int(visible[i])].tolist()
+            assert step in seen and sorted(x for x in seen if x != step) == sorted(
+                st for st, _ in lists[i] if st != step)
         for i in range(b):
             in_cache = sorted(slots[i, prompt[i]: int(length[i])].tolist())
             assert in_cache == sorted(st for st, _ in lists[i])
     assert int(jnp.max(length - limit)) <= 0
-
-
-def test_visible_mask():
-    m = np.asarray(kv_cache.visible(6, jnp.asarray([2, 4]), jnp.asarray([5, 4])))[:, 0]
-    assert m.tolist() == [[True, True, False, False, False, True],
-                          [True, True, True, True, True, False]]
 
 
 def test_sparse_capacity():
