@@ -32,7 +32,7 @@ import numpy as np
 from . import flops as F
 from . import kv_cache
 from .config import PRESETS, ModelConfig, preset
-from .generate import (GenOptions, compacted_length, decode_step, inference_params, kv_bytes,
+from .generate import (GenOptions, compacted_length, decode_step, kv_bytes,
                        no_cache_chunk, prefill)
 from .inputs import IMAGE_MARKER, prepare_batch, round_up
 from .model import image_features, init_params

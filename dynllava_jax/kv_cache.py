@@ -77,14 +77,17 @@ def sparse_capacity(prompt_after_pruning: int, max_new_tokens: int, budget: floa
     return prompt_after_pruning + math.ceil(max_new_tokens * budget)
 
 
-def write(cache_BKSD, new_BTKD, slots_BT):
-    """cache[b, :, slots[b, t]] = new[b, t]; out-of-range slots are skipped.
+def write(cache_BKSD, new_BTKD, slots_BT=None):
+    """cache[b, :, slots[b, t]] = new[b, t]; out-of-range slots are skipped. slots None:
+    the first T slots of every row (a prompt pass), one `dynamic_update_slice`.
 
     A decoding step (T == 1) writes each row with its own `dynamic_update_slice`: XLA
     updates those in place, touching one slot, where a batched scatter is a fusion over
     the whole cache (and costed as reading and writing all of it)."""
-    b, t = slots_BT.shape
     new_BKTD = jnp.swapaxes(new_BTKD, 1, 2).astype(cache_BKSD.dtype)
+    if slots_BT is None:
+        return jax.lax.dynamic_update_slice(cache_BKSD, new_BKTD, (0, 0, 0, 0))
+    b, t = slots_BT.shape
     if t == 1:
         # Decoding slots are always in range (the layout leaves room for every write).
         for i in range(b):

@@ -56,8 +56,8 @@ class DecoderLayer(nn.Module):
         invisible (right padding, or the filled part of a cache); causal: query i sees
         keys j <= i (prompt passes; a decode step attends its cache without it).
         cache: dict(k, v) [B,K,S,D] or None; write_slots [B,T] where the new K/V go in
-        the cache; attend_cache: attend the cache (decode) instead of this pass's K/V;
-        policy [B,T] (training MaskedSoftmax) or None. Returns (x, cache).
+        the cache (None: its first T slots); attend_cache: attend the cache (decode)
+        instead of this pass's K/V; policy [B,T] (training MaskedSoftmax) or None. Returns (x, cache).
         """
         c = self.cfg
         dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=self.dtype, name=name)

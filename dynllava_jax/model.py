@@ -81,7 +81,13 @@ def embed_inputs(params, cfg: ModelConfig, tokens_BT, image_feats_BNH, image_sta
     """Token embeddings with the image features placed at each sample's image slots."""
     dt = compute_dtype(cfg)
     table = params["llm"]["embed_tokens"]["embedding"]
-    x = jnp.take(table, jnp.clip(tokens_BT, 0, table.shape[0] - 1), axis=0).astype(dt)
+    ids = jnp.clip(tokens_BT, 0, table.shape[0] - 1)
+    if tokens_BT.shape[1] == 1 and image_feats_BNH is None:
+        # A decoding step: one row slice per sequence reads B rows; a gather is costed (and
+        # on some backends run) as a pass over the whole table.
+        rows = [jax.lax.dynamic_slice_in_dim(table, ids[b, 0], 1) for b in range(ids.shape[0])]
+        return jnp.stack(rows).astype(dt)
+    x = jnp.take(table, ids, axis=0).astype(dt)
     if image_feats_BNH is None:
         return x
     n = image_feats_BNH.shape[1]

@@ -3,12 +3,12 @@
 
     python scripts/ab_generate.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 2] [--batch 1 4]
 
-Only the public `generate()` API is used, so any revision can be measured. Each round runs
-one subprocess per checkout (alternating, so both see the same machine load); each
-subprocess compiles, then times `--repeats` prefills (`max_new_tokens=1`) and whole
-generations of `--new-tokens`, dense and dynamic, on random weights of the shapes below.
-decode ms/token = (whole - prefill) / (new_tokens - 1). Prints a table of medians and
-the new/old ratios.
+The jitted prefill and decode loop that `generate()` runs are timed separately (named
+`_jit_prefill`/`_jit_decode` before this change, `jit_prefill`/`jit_decode` after). Each
+round runs one subprocess per checkout (alternating, so both see the same machine load);
+each compiles, then times `--repeats` prefills and decode loops of `--new-tokens` (EOS
+disabled), dense and dynamic, on random weights of the shapes below (the LLM of the
+issue's CPU table, a small CLIP tower at 336 px). Prints medians and new/old ratios.
 """
 
 from __future__ import annotations
@@ -37,23 +37,36 @@ try:  # the new revision unstacks the layers once (what infer.py's Llava does)
     params = inference_params(params)
 except ImportError:
     pass
+import dynllava_jax.generate as G
+from dynllava_jax.generate import compacted_length
+jp = getattr(G, "jit_prefill", None) or G._jit_prefill
+jd = getattr(G, "jit_decode", None) or G._jit_decode
+def block(t):
+    jax.tree_util.tree_map(lambda x: x.block_until_ready(), t)
 rng = np.random.default_rng(0)
 out = {}
 for b in a["batch"]:
     ids = [[1] + rng.integers(3, 32000, 34).tolist() + [-200] + rng.integers(3, 32000, 20).tolist()
            for _ in range(b)]
     batch = prepare_batch(ids, cfg.num_image_tokens, pad_to=640)
-    px = rng.normal(size=(b, 3, 336, 336)).astype(np.float32)
+    px = jnp.asarray(rng.normal(size=(b, 3, 336, 336)).astype(np.float32))
+    args = (jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), jnp.asarray(batch.image_start), px)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(b, dtype=jnp.uint32))
     for mode in ("dense", "dynamic"):
-        res = {}
-        for n in (1, a["new_tokens"]):
-            o = GenOptions(max_new_tokens=n, mode=mode)
-            generate(params, cfg, batch, px, o)
-            ts = []
-            for _ in range(a["repeats"]):
-                t0 = time.perf_counter(); generate(params, cfg, batch, px, o); ts.append(time.perf_counter() - t0)
-            res[n] = ts
-        out[f"{b}/{mode}"] = res
+        o = GenOptions(max_new_tokens=a["new_tokens"], mode=mode)
+        clen = compacted_length(batch, cfg, o)
+        pre, dec = [], []
+        for r in range(a["repeats"] + 1):  # the first run compiles
+            t0 = time.perf_counter()
+            logits, state = jp(params, *args, cfg=cfg, opts=o, compact_len=clen)
+            block((logits, state))
+            t1 = time.perf_counter()
+            res = jd(params, logits, state, keys, jnp.float32(1), jnp.float32(1), cfg=cfg, opts=o)
+            block(res)
+            t2 = time.perf_counter()
+            if r:
+                pre.append(t1 - t0); dec.append((t2 - t1) / (a["new_tokens"] - 1))
+        out[f"{b}/{mode}"] = {"prefill": pre, "decode": dec}
 print(json.dumps(out))
 '''
 
@@ -79,15 +92,11 @@ def main() -> int:
                 print(p.stderr[-3000:], file=sys.stderr)
                 return 1
             runs[which].append(json.loads(p.stdout.strip().splitlines()[-1]))
-    n = str(a.new_tokens)
-    print(f"| batch/mode | prefill ms old / new (ratio) | decode ms/token old / new (ratio) |")
+    print("| batch/mode | prefill ms old / new (ratio) | decode ms/token old / new (ratio) |")
     print("|---|---|---|")
     for key in runs["old"][0]:
-        med = {}
-        for which in ("old", "new"):
-            pre = statistics.median(t for run in runs[which] for t in run[key]["1"])
-            whole = statistics.median(t for run in runs[which] for t in run[key][n])
-            med[which] = (1e3 * pre, 1e3 * (whole - pre) / (a.new_tokens - 1))
+        med = {w: [1e3 * statistics.median(t for run in runs[w] for t in run[key][part])
+                   for part in ("prefill", "decode")] for w in ("old", "new")}
         (po, do), (pn, dn) = med["old"], med["new"]
         print(f"| {key} | {po:.0f} / {pn:.0f} ({pn / po:.2f}x) | {do:.1f} / {dn:.1f} ({dn / do:.2f}x) |")
     return 0
