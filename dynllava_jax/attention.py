@@ -78,16 +78,6 @@ def _xla_attention(q_BTND, k_BKSD, v_BKSD, causal, kv_lengths_B, policy_BS):
     kh, s = k_BKSD.shape[1], k_BKSD.shape[2]
     q = q_BTND.reshape(b, t, kh, n // kh, d)
     mask = visibility_mask(t, s, causal, kv_lengths_B)[:, None, None]
-    if t == 1 and policy_BS is None:
-        # One query (a decoding step): multiply-and-reduce instead of matmuls. Each is one
-        # fused pass over the cache as it lies; a dot would have XLA re-lay-out (copy) the
-        # cache for its gemv (seen on CPU at batch 1).
-        qf = q[:, 0].astype(jnp.float32)  # [B, K, G, D]
-        sc = jnp.sum(qf[:, :, :, None, :] * k_BKSD[:, :, None].astype(jnp.float32), -1)[:, :, :, None]
-        p = masked_softmax(sc * (d ** -0.5), mask)  # [B, K, G, 1, S]
-        o = jnp.sum(p[:, :, :, 0, :, None].astype(q.dtype) * v_BKSD[:, :, None].astype(q.dtype), 3,
-                    dtype=jnp.float32 if q.dtype == jnp.float32 else None)
-        return o.astype(q.dtype).reshape(b, 1, n, d)
     sc = jnp.einsum("btkgd,bksd->bkgts", q, k_BKSD.astype(q.dtype), preferred_element_type=jnp.float32)
     p = masked_softmax(sc * (d ** -0.5), mask, policy_BS)
     o = jnp.einsum("bkgts,bksd->btkgd", p.astype(q.dtype), v_BKSD.astype(q.dtype))

@@ -4,6 +4,8 @@
     DIR/params/                  Orbax checkpoint of the params pytree
     DIR/preprocessor_config.json CLIP image preprocessing
     DIR/tokenizer.model, tokenizer_config.json, ...  the checkpoint's tokenizer files
+    DIR/source_config.json       the PyTorch checkpoint's config.json, verbatim (for export)
+    DIR/unused_tensors.safetensors  source tensors the model does not use (CLIP post_layernorm)
 
 Written to a temporary sibling and renamed at the end, so a failed write leaves nothing.
 """
@@ -22,6 +24,8 @@ from .config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json", "added_tokens.json", "generation_config.json")
+SOURCE_CONFIG = "source_config.json"
+UNUSED_TENSORS = "unused_tensors.safetensors"
 
 
 class CheckpointDirError(ValueError):
@@ -29,7 +33,10 @@ class CheckpointDirError(ValueError):
 
 
 def save_converted(dst: str | Path, params: Any, cfg: ModelConfig, preprocessor: dict,
-                   tokenizer_dir: Optional[Path], force: bool = False) -> Path:
+                   tokenizer_dir: Optional[Path], force: bool = False,
+                   source_config: Optional[dict] = None, unused: Optional[dict] = None) -> Path:
+    """`source_config` / `unused` (name -> array) are what an export restores; where they are
+    not given, the files of a converted `tokenizer_dir` (a training run's init) are copied."""
     dst = Path(dst).absolute()
     if dst.exists() and not force:
         raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
@@ -40,9 +47,15 @@ def save_converted(dst: str | Path, params: Any, cfg: ModelConfig, preprocessor:
         cfg.save(tmp / "model_config.json")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
+            given = {SOURCE_CONFIG: source_config is not None, UNUSED_TENSORS: bool(unused)}
+            for name in TOKENIZER_FILES + tuple(k for k, v in given.items() if not v):
                 if (Path(tokenizer_dir) / name).exists():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        if source_config is not None:
+            (tmp / SOURCE_CONFIG).write_text(json.dumps(source_config, indent=2) + "\n")
+        if unused:
+            from .checkpoint_io import write_safetensors
+            write_safetensors(tmp / UNUSED_TENSORS, unused)
         if dst.exists():
             old = dst.with_name(dst.name + ".old")
             os.replace(dst, old)
@@ -113,7 +126,35 @@ def load_params(path: str | Path, target: Any = None) -> Any:
     return ckptr.restore(path, target) if target is not None else ckptr.restore(path)
 
 
-def load_converted(path: str | Path):
-    """(ModelConfig, params) of a converted directory."""
+def checkpoint_shapes(path: str | Path) -> dict:
+    """Nested dict of ShapeDtypeStructs from an Orbax checkpoint's metadata (nothing loaded)."""
+    import jax
+    import orbax.checkpoint as ocp
+    meta = ocp.StandardCheckpointer().metadata(Path(path).absolute())
+    meta = getattr(meta, "item_metadata", meta)
+    out: dict = {}
+    for kp, m in jax.tree_util.tree_leaves_with_path(meta):
+        node = out
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in kp]
+        for n in names[:-1]:
+            node = node.setdefault(n, {})
+        node[names[-1]] = jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+    return out
+
+
+def load_converted(path: str | Path, mesh=None):
+    """(ModelConfig, params) of a converted directory.
+
+    With a `mesh`, every parameter is restored straight into the sharding the training table
+    gives it (`sharding.param_shardings`): no device ever holds the whole model."""
     cfg = load_config(path)
-    return cfg, load_params(path)
+    if mesh is None:
+        return cfg, load_params(path)
+    import jax
+    from .sharding import param_shardings
+    if not (Path(path) / "params").exists():
+        raise CheckpointDirError(f"{path} has no params/ directory")
+    shapes = checkpoint_shapes(Path(path) / "params")
+    target = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                    shapes, param_shardings(shapes, mesh))
+    return cfg, load_params(path, target)

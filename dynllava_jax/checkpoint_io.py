@@ -11,6 +11,9 @@ at a time on top of the converted model. Both readers are small and need no torc
   numel)`; each storage is the uncompressed zip member `<archive>/data/<key>`. A
   restricted unpickler records where each tensor lives without reading its data.
 Files in the legacy (pre-1.6, non-zip) format fall back to `torch.load`.
+
+Writing (the export, `export.py`) is safetensors only: `SafetensorsWriter` writes the header
+of tensors known up front, then streams each tensor's bytes in that order.
 """
 
 from __future__ import annotations
@@ -292,3 +295,81 @@ def iter_tensors(f: Path, native: bool = False,
             yield k, t.view(torch.int16).numpy().view(_bf16())
         else:
             yield k, (t if native else t.to(torch.float32)).numpy()
+
+
+# -- writing safetensors -------------------------------------------------------
+
+def _st_code(dtype) -> str:
+    dtype = np.dtype(dtype)
+    if dtype == _bf16():
+        return "BF16"
+    for code, dt in _ST_DTYPES.items():
+        if np.dtype(dt) == dtype:
+            return code
+    raise CheckpointError(f"dtype {dtype} cannot be written to safetensors")
+
+
+class SafetensorsWriter:
+    """One `.safetensors` file whose tensors (name, dtype, shape) are known up front.
+
+    The header is written first; `write` then streams each tensor's bytes in the planned
+    order (in parts along axis 0 if given so), so only the tensor being written is in memory.
+    """
+
+    def __init__(self, path: Path, plan: list[tuple[str, object, tuple]],
+                 metadata: Optional[dict] = None):
+        header: dict = {"__metadata__": dict(metadata if metadata is not None else {"format": "pt"})}
+        offset = 0
+        self._plan = []
+        for name, dtype, shape in plan:
+            dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _st_code(dtype), "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+            self._plan.append((name, dtype, shape))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.path, self.nbytes, self._next = Path(path), offset, 0
+        self._fh = open(self.path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, *parts: np.ndarray) -> None:
+        """The next planned tensor, given whole or as parts to concatenate along axis 0."""
+        if self._next >= len(self._plan):
+            raise CheckpointError(f"{self.path.name}: tensor {name} was not planned")
+        want, dtype, shape = self._plan[self._next]
+        rows = sum(p.shape[0] for p in parts) if shape else None
+        got = (rows, *parts[0].shape[1:]) if shape else parts[0].shape
+        if name != want or got != shape or any(p.dtype != dtype for p in parts):
+            raise CheckpointError(f"{self.path.name}: got {name} {got} {[str(p.dtype) for p in parts]}, "
+                                  f"expected {want} {shape} {dtype} next")
+        for p in parts:
+            p = np.ascontiguousarray(p)
+            if p.dtype.byteorder == ">":
+                p = p.astype(p.dtype.newbyteorder("<"))
+            self._fh.write(p.reshape(-1).view(np.uint8).data)
+        self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._next != len(self._plan):
+            raise CheckpointError(f"{self.path.name}: {len(self._plan) - self._next} tensor(s) "
+                                  "were planned but not written")
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray],
+                      metadata: Optional[dict] = None) -> None:
+    """Write a dict of (small) arrays as one safetensors file."""
+    with SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], metadata) as w:
+        for k, v in tensors.items():
+            w.write(k, np.asarray(v))

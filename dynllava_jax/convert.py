@@ -41,6 +41,12 @@ IGNORED = [
 T = lambda w: w.T  # PyTorch Linear [out, in] -> Flax Dense [in, out]
 ID = lambda w: w
 CONV = lambda w: w.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+CONV_INV = lambda w: w.transpose(3, 2, 0, 1)  # [kh, kw, in, out] -> [out, in, kh, kw]
+INVERSE = {T: T, ID: ID, CONV: CONV_INV}  # each transform's inverse (export.py)
+# Source tensors the model does not compute with but that a faithful export gives back
+# (CLIP's post_layernorm): kept beside the params in `unused_tensors.safetensors`.
+KEPT_UNUSED = [VISION_PREFIX + "vision_model.post_layernorm.weight",
+               VISION_PREFIX + "vision_model.post_layernorm.bias"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +225,8 @@ class Source:
     preprocessor: dict
     tokenizer_dir: Path
     vision_source: str = ""  # where the vision tower's weights come from, for the summary
+    raw_config: Optional[dict] = None  # the source's config.json, kept as source_config.json
+    unused: Optional[dict] = None  # KEPT_UNUSED names -> (shape, file, source name)
 
 
 def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
@@ -316,11 +324,12 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
                       eos_token_id=hf.get("eos_token_id", (hf.get("text_config") or {}).get("eos_token_id", 2)) or 2,
                       pad_token_id=hf.get("pad_token_id", 0) or 0)
     ignored = [k for k in tensors if any(re.fullmatch(p, k) for p in IGNORED)]
+    unused = {k: tensors[k] for k in KEPT_UNUSED if k in tensors}
     for k in ignored:
         tensors.pop(k)
     vision_source = (f"{vision_tower} (CLIP directory)" if vision_tower is not None
                      else "inside the checkpoint")
-    return Source(layout, cfg, tensors, ignored, preprocessor, src, vision_source)
+    return Source(layout, cfg, tensors, ignored, preprocessor, src, vision_source, hf, unused)
 
 
 def check_names(src: Source, nmap: dict[str, Target], expected_shapes: dict[str, tuple]) -> None:
@@ -437,7 +446,12 @@ def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path]
     if cfg.llm.tie_word_embeddings and "lm_head.weight" not in filled:
         params["llm"]["lm_head"]["kernel"] = params["llm"]["embed_tokens"]["embedding"].T.copy()
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    out = save_converted(dst, params, cfg, source.preprocessor, source.tokenizer_dir, force=force)
+    unused = {}
+    for canon, (_, f, orig) in (source.unused or {}).items():
+        for _, arr in iter_tensors(f, native=True, names={orig}):
+            unused[canon] = arr.astype(np_dtype)
+    out = save_converted(dst, params, cfg, source.preprocessor, source.tokenizer_dir, force=force,
+                         source_config=source.raw_config, unused=unused)
     if info is not None:
         info.update(
             layout=source.layout, params=n_params, dtype=dtype, dst=str(out),

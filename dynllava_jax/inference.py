@@ -11,7 +11,7 @@ import numpy as np
 
 from .checkpoint import load_converted
 from .conversation import build_prompt
-from .generate import GenOptions, GenResult, generate
+from .generate import GenOptions, GenResult, generate, inference_params
 from .image_processing import ImageProcessor
 from .inputs import InputError, expanded_length, prepare_batch, round_up
 from .sampling import row_keys
@@ -33,7 +33,8 @@ class Llava:
     def __init__(self, checkpoint: str | Path = DEFAULT_CHECKPOINT):
         self.path = Path(checkpoint)
         self.cfg, self.params = load_converted(self.path)
-        self.params = jax.device_put(self.params)
+        # Unstacked once here: generation then never slices a stacked layer weight.
+        self.params = inference_params(jax.device_put(self.params))
         self.tokenizer = LlavaTokenizer.from_dir(self.path)
         self.images = ImageProcessor.from_dir(self.path)
 
