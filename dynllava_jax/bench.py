@@ -27,6 +27,18 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def report(a, measure, format_table) -> int:
+    """Run a benchmark; print its table (or JSON); a bad setting is one `error:` line, exit 2."""
+    import json
+    try:
+        r = measure(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2) if a.json else format_table(r))
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.command == "flops":

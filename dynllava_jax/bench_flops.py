@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 import re
 import sys
 import time
@@ -544,10 +543,5 @@ def bench_flops(a) -> dict:
 
 
 def run(a) -> int:
-    try:
-        r = bench_flops(a)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(r, indent=2) if a.json else format_table(r))
-    return 0
+    from .bench import report
+    return report(a, bench_flops, format_table)

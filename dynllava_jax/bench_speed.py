@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import statistics
 import sys
 import threading
@@ -426,10 +425,5 @@ def format_table(r: dict) -> str:
 
 
 def run(a) -> int:
-    try:
-        r = bench_speed(a)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(r, indent=2) if a.json else format_table(r))
-    return 0
+    from .bench import report
+    return report(a, bench_speed, format_table)

@@ -56,17 +56,22 @@ def save_converted(dst: str | Path, params: Any, cfg: ModelConfig, preprocessor:
         if unused:
             from .checkpoint_io import write_safetensors
             write_safetensors(tmp / UNUSED_TENSORS, unused)
-        if dst.exists():
-            old = dst.with_name(dst.name + ".old")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Move a finished temporary directory to `dst`, replacing what is there."""
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dst)
 
 
 def save_params(path: Path, params: Any) -> None:

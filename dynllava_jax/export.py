@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .checkpoint import (SOURCE_CONFIG, TOKENIZER_FILES, UNUSED_TENSORS, CheckpointDirError,
+from .checkpoint import (SOURCE_CONFIG, TOKENIZER_FILES, UNUSED_TENSORS, CheckpointDirError, replace_dir,
                          load_config)
 from .checkpoint_io import CheckpointError, SafetensorsWriter, iter_tensors, tensor_names
 from .config import ModelConfig
@@ -538,13 +538,7 @@ def export(src: str | Path, dst: str | Path, fmt: str, dtype: Optional[str] = No
         n_params = sum(int(np.prod(s, dtype=np.int64)) for _, _, s in plans["main"])
         writers["main"].write_index({"total_parameters": n_params} if hf else {})
 
-        if dst.exists():
-            old = dst.with_name(dst.name + ".old")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,6 +35,7 @@ from . import model as M
 from . import objective as O
 from . import optim
 from . import sharding as S
+from .checkpoint import checkpoint_shapes
 from .config import ModelConfig, preset as model_preset
 from .train_checkpoint import TrainCheckpointer, abstract_like, export_converted
 
@@ -251,21 +252,6 @@ def _frozen_items(cd) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in d.items()))
 
 
-def _checkpoint_shapes(path: Path) -> dict:
-    """Nested dict of ShapeDtypeStructs from an Orbax checkpoint's metadata."""
-    import orbax.checkpoint as ocp
-    meta = ocp.StandardCheckpointer().metadata(Path(path).absolute())
-    meta = getattr(meta, "item_metadata", meta)
-    out: dict = {}
-    for kp, m in jax.tree_util.tree_leaves_with_path(meta):
-        node = out
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in kp]
-        for n in names[:-1]:
-            node = node.setdefault(n, {})
-        node[names[-1]] = jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
-    return out
-
-
 def resolve_path(p: str) -> Path:
     """A path as given, else relative to the repository root (configs name assets/...)."""
     path = Path(p).expanduser()
@@ -411,7 +397,7 @@ class Trainer:
             tree = jax.eval_shape(lambda: M.init_params(self.cfg, jax.random.PRNGKey(0),
                                                         with_predictors=True))
         else:
-            tree = _checkpoint_shapes(self.init_dir / "params")
+            tree = checkpoint_shapes(self.init_dir / "params")
             self.missing_predictors = [k for k in pred if k not in tree]
             tree.update({k: pred[k] for k in self.missing_predictors})
         return jax.tree_util.tree_map(
