@@ -4,8 +4,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynllava_jax.image_processing import (BACKGROUND, ImageLoadError, ImageProcessor,
-                                           _clip_processor_class, expand2square)
+from dynllava_jax.image_processing import (BACKGROUND, ClipSettings, ImageLoadError, ImageProcessor,
+                                           clip_preprocess, expand2square)
+
+
+def _clip_processor_class():
+    """transformers' PIL CLIP processor: the reference our own preprocessing must equal."""
+    try:
+        from transformers.models.clip import CLIPImageProcessorPil
+        return CLIPImageProcessorPil
+    except ImportError:  # earlier 5.x: CLIPImageProcessor is the PIL/numpy one
+        from transformers import CLIPImageProcessor
+        return CLIPImageProcessor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,3 +90,31 @@ def test_load_errors(proc, fixtures_dir, tmp_path):
         proc.load(tmp_path)  # a directory
     with pytest.raises(FileNotFoundError):
         ImageProcessor.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"size": {"shortest_edge": 112}, "crop_size": {"height": 112, "width": 112}},
+    {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 24}},
+    {"size": {"shortest_edge": 20}, "crop_size": {"height": 36, "width": 30}},  # crop pads
+    {"size": {"height": 50, "width": 30}, "crop_size": {"height": 40, "width": 30}, "resample": 2},
+])
+def test_own_clip_preprocessing_is_bit_identical_to_transformers(cfg):
+    # Our PIL + NumPy CLIP step replaces transformers' processor (which imports torch): same
+    # bits on unpadded, non-square images of odd sizes, for the settings LLaVA checkpoints use.
+    full = {"do_resize": True, "do_center_crop": True, "do_rescale": True, "do_normalize": True,
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3,
+            "rescale_factor": 1 / 255, **cfg}
+    ref = _clip_processor_class()(**full)
+    ours = ClipSettings.from_config(full)
+    rng = np.random.default_rng(0)
+    for h, w in [(17, 33), (64, 64), (101, 47), (7, 250)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        expected = ref(img, return_tensors="np")["pixel_values"][0]
+        got = clip_preprocess(img, ours)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_older_int_size_forms():
+    s = ClipSettings.from_config({"size": 224, "crop_size": 224})
+    assert (s.shortest_edge, s.crop_hw) == (224, (224, 224))
