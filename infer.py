@@ -15,6 +15,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from dynllava_jax.runtime import default_compile_cache, enable_compile_cache, notice
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +39,10 @@ def parse_args(argv=None):
                    help="sparse-layer cache slots for generated tokens, as a fraction of --max-new-tokens "
                         "(default 1.0: exact; below 1 a full cache keeps its highest-scoring tokens)")
     p.add_argument("--json", action="store_true", help="one JSON object per answer on stdout")
+    p.add_argument("--compile-cache", metavar="DIR", default=default_compile_cache(),
+                   help="keep compiled programs here across runs (default: %(default)s; "
+                        "$DYNLLAVA_JAX_COMPILE_CACHE sets it, 'off' turns it off)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh")
     return p.parse_args(argv)
 
 
@@ -81,6 +87,7 @@ def main(argv=None) -> int:
     if a.questions is not None and not Path(a.questions).is_file():
         fail(f"questions file not found: {a.questions}")
 
+    enable_compile_cache(None if a.no_compile_cache else a.compile_cache)
     from dynllava_jax.checkpoint import CheckpointDirError
     from dynllava_jax.generate import GenOptions
     from dynllava_jax.image_processing import ImageLoadError
@@ -91,7 +98,8 @@ def main(argv=None) -> int:
     if not ckpt.is_dir():
         fail(f"checkpoint directory not found: {ckpt}")
     try:
-        model = Llava(ckpt)
+        with notice(f"loading {ckpt}"):
+            model = Llava(ckpt)
     except (CheckpointDirError, OSError, ValueError) as e:
         fail(f"cannot load checkpoint {ckpt}: {e}")
     mode = a.mode or ("dynamic" if model.has_predictors else "dense")
@@ -107,7 +115,8 @@ def main(argv=None) -> int:
                                               seed=a.seed, keys_from=ids)
     try:
         if a.prompt is not None:
-            (ans,) = run([Request(a.prompt, a.image)])
+            with notice("answering (a first run compiles; later runs reuse the compile cache)"):
+                (ans,) = run([Request(a.prompt, a.image)])
             print(json.dumps(ans) if a.json else ans["text"])
             return 0
         return answer_file(a, model, run, batched, Request)

@@ -1,6 +1,8 @@
 """Shared pytest fixtures."""
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,10 @@ import pytest
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
+
+# The CLIs under test keep compiled programs in one cache for this test session (not the
+# user's ~/.cache): repeated CLI runs of the same shapes then load instead of compiling.
+os.environ.setdefault("DYNLLAVA_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="dynllava-jax-cc-"))
 
 # The shared fixtures live beside the repository: /work/shared when the repo is /work/main.
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny-public"
