@@ -105,7 +105,9 @@ def sparse_append(length_B, score_BS, keep_B, score_B, limit_B):
     score_BS: scores of the slots (+inf for prompt tokens, which are never evicted).
     limit_B: slots a sequence may fill (its own prompt plus the generated-token budget),
     so its output never depends on the rest of the batch.
-    Returns (write_slot_B, new_length_B, new_score_BS, evicted_B, visible_len_B).
+    Returns (write_slot_B, new_length_B, new_score_BS, evicted_B, visible_len_B), where
+    evicted_B says the budget cost a kept token (what a user calls eviction): the cache was
+    full, so the token either replaced a lower-scoring one or was itself left out.
     A kept token goes to slot `length` while there is room; in a full cache it replaces
     the lowest-scoring generated token if it scores higher; otherwise it is written at
     slot `length` without advancing it (seen for this step only, then overwritten).
@@ -122,4 +124,4 @@ def sparse_append(length_B, score_BS, keep_B, score_B, limit_B):
     b = jnp.arange(score_BS.shape[0])
     new_score = score_BS.at[b, slot].set(jnp.where(stored, score_B, score_BS[b, slot]), mode="drop")
     visible_len = jnp.where(replace, length_B, length_B + 1)
-    return slot, new_len, new_score, replace, visible_len
+    return slot, new_len, new_score, keep_B & ~room, visible_len

@@ -294,6 +294,10 @@ def test_budgeted_cache_stays_within_capacity(model, samples):
     assert (res.generated_tokens_in_cache[over] == 6).all()
     assert res.evicted.any() and not res.evicted[~over].any()
     assert res.kv_cache_bytes < exact.kv_cache_bytes
+    # Budget 0: no generated token finds room; each sequence that kept one reports eviction.
+    zero = generate(params, cfg, batch, pixels, dataclasses.replace(opts, text_kv_budget=0.0))
+    assert (zero.generated_tokens_in_cache == 0).all()
+    np.testing.assert_array_equal(zero.evicted, exact.generated_tokens_in_cache > 0)
     # Without a text-only sample the prompt is compacted too: less than dense mode.
     img = prepare_batch(prompts[:4], cfg.num_image_tokens)
     res_img = generate(params, cfg, img, pixels[:4], opts)

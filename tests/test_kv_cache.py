@@ -50,16 +50,18 @@ def test_sparse_append_matches_list_reference():
         for i in range(b):
             # Reference: kept tokens append while there is room; when full, a kept token
             # replaces the lowest-scoring generated one if it scores higher.
-            ev = False
+            # Evicted: a kept token met a full cache (it replaced one, ev, or was left out).
+            ev = full = False
             if keep[i]:
                 if len(lists[i]) < budget_slots:
                     lists[i].append((step, s[i]))
                 else:
+                    full = True
                     j = min(range(len(lists[i])), key=lambda j: lists[i][j][1])
                     if s[i] > lists[i][j][1]:
                         lists[i][j] = (step, s[i])
                         ev = True
-            assert bool(evicted[i]) == ev
+            assert bool(evicted[i]) == full
             assert int(length[i]) == prompt[i] + len(lists[i])
             # Every token is written at its row's length unless it replaces a slot, and
             # it sees exactly the filled slots plus its own: a pure per-row length.
