@@ -8,6 +8,7 @@
   score mme     --data-path MME_Benchmark_release_version --result-file A [--output-dir O]
   score mme     --results-dir eval_tool/answers/EXP
   merge         --question-file Q --result-files A1 A2 ... --output-file A
+  ppl           --question-file Q.json --image-folder DIR --answers-file A.jsonl [--mode dense|dynamic]
 
 Argument names follow LLaVA's own scripts; each score prints a table, or with --json one JSON
 object of metrics.
@@ -72,6 +73,19 @@ def parse_args(argv=None):
     m.add_argument("--question-file", help="questions .jsonl giving the order (default: files' order)")
     m.add_argument("--result-files", nargs="+", required=True, help="the answer files of the chunks")
     m.add_argument("--output-file", required=True, help="the merged answers .jsonl")
+    q = cmd.add_parser("ppl", help="perplexity of reference answers under teacher forcing "
+                                   "(Dynamic-LLaVA's model_lvis_for_ppl.py)")
+    q.add_argument("--checkpoint", help="converted checkpoint directory (default: the bundled one)")
+    q.add_argument("--question-file", required=True, help="JSON list (or .jsonl) of {id, image, question, answer}")
+    q.add_argument("--image-folder", help="folder the questions' image paths are relative to")
+    q.add_argument("--answers-file", help="write one row per question (its ppl and cache figures) here")
+    q.add_argument("--mode", choices=["dense", "dynamic"],
+                   help="default: dynamic for checkpoints with predictors, else dense")
+    q.add_argument("--vision-keep-rate", type=float, help="fraction of image tokens kept (dynamic mode)")
+    q.add_argument("--text-kv-budget", type=float, default=1.0,
+                   help="sparse-layer cache slots for answer tokens, as a fraction of the answer length")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--json", action="store_true", help="print one JSON object of metrics")
     a = p.parse_args(argv)
     if a.command == "score" and a.task == "mme" and a.result_file is not None and a.data_path is None:
         p.error("score mme --result-file needs --data-path (the MME_Benchmark_release_version folder)")
@@ -133,11 +147,81 @@ def merge(a) -> int:
     return 0
 
 
+def run_ppl(a) -> tuple[dict, str]:
+    from pathlib import Path
+
+    from tqdm import tqdm
+    if a.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if a.vision_keep_rate is not None and not 0.0 < a.vision_keep_rate <= 1.0:
+        raise UserError("--vision-keep-rate must be in (0, 1]")
+    if not 0.0 <= a.text_kv_budget <= 1.0:
+        raise UserError("--text-kv-budget must be in [0, 1]")
+    from . import ppl
+    questions = ppl.read_questions(a.question_file)
+    if any(q["image"] for q in questions) and a.image_folder is None:
+        raise UserError("image questions need --image-folder")
+    from ..checkpoint import CheckpointDirError
+    from ..generate import GenOptions
+    from ..image_processing import ImageLoadError
+    from ..inference import DEFAULT_CHECKPOINT, Llava, Request
+    from ..inputs import InputError
+    ckpt = Path(a.checkpoint) if a.checkpoint else DEFAULT_CHECKPOINT
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint directory not found: {ckpt}")
+    try:
+        model = Llava(ckpt)
+    except (CheckpointDirError, ValueError) as e:
+        raise UserError(f"cannot load checkpoint {ckpt}: {e}") from None
+    mode = a.mode or ("dynamic" if model.has_predictors else "dense")
+    if mode == "dynamic" and not model.has_predictors:
+        raise UserError(f"--mode dynamic needs a Dynamic-LLaVA checkpoint; {ckpt} has no predictors")
+    if mode == "dense" and (a.vision_keep_rate is not None or a.text_kv_budget != 1.0):
+        raise UserError("--vision-keep-rate and --text-kv-budget apply to --mode dynamic only")
+    opts = GenOptions(mode=mode, vision_keep_rate=a.vision_keep_rate, text_kv_budget=a.text_kv_budget)
+    rows = []
+    out = open(a.answers_file, "w") if a.answers_file else None
+    try:
+        with tqdm(total=len(questions), desc="ppl", unit="q", file=sys.stderr) as bar:
+            for i in range(0, len(questions), a.batch_size):
+                chunk = questions[i: i + a.batch_size]
+                reqs = [Request(q["question"], str(Path(a.image_folder) / q["image"]) if q["image"] else None)
+                        for q in chunk]
+                # A short last batch is padded with copies so that it reuses the compiled shapes.
+                pad = min(a.batch_size, len(questions)) - len(reqs)
+                try:
+                    res = ppl.score_batch(model, reqs + reqs[-1:] * pad,
+                                          [q["answer"] for q in chunk + chunk[-1:] * pad], opts)
+                except (ImageLoadError, InputError) as e:
+                    raise UserError(f"question(s) {[q['id'] for q in chunk]}: {e}") from None
+                for q, r in zip(chunk, res):
+                    row = {"question_id": q["id"], "prompt": ("<image>\n" if q["image"] else "") + q["question"],
+                           "model_id": model.path.name, "mode": mode,
+                           **{k: v for k, v in r.items() if k not in ("argmax_ids", "answer_ids")}}
+                    rows.append(row)
+                    if out:
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+                bar.update(len(chunk))
+    finally:
+        if out:
+            out.close()
+    m = dict(ppl.summary(rows), mode=mode)
+    return m, render(["mode", "questions", "mean ppl", "answer tokens fed", "kept in sparse cache",
+                      "image tokens kept"],
+                     [[mode, m["questions"], m["mean_ppl"], m["mean_output_token_length"],
+                       m["mean_output_cache_length"], m["mean_image_tokens_kept"]]], digits=3)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         if a.command == "merge":
             return merge(a)
+        if a.command == "ppl":
+            metrics, table = run_ppl(a)
+            print(json.dumps(metrics) if a.json else table)
+            return 0
         metrics, table = run_score(a)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
