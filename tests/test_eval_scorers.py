@@ -460,6 +460,8 @@ def test_cli_json_is_one_object(pope_files):
     (["score", "sqa", "--result-file", "x"], "--base-dir"),
     (["score", "mme", "--result-file", "x"], "needs --data-path"),
     (["score", "nosuch"], "invalid choice"),
+    (["ppl", "--question-file", "missing.json"], "file not found: missing.json"),
+    (["ppl", "--question-file", "missing.json", "--vision-keep-rate", "2"], "--vision-keep-rate must be in (0, 1]"),
 ])
 def test_cli_user_errors_are_one_line(args, msg):
     rc, _, err = run_cli(*args)

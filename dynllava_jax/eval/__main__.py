@@ -83,7 +83,8 @@ def parse_args(argv=None):
                    help="default: dynamic for checkpoints with predictors, else dense")
     q.add_argument("--vision-keep-rate", type=float, help="fraction of image tokens kept (dynamic mode)")
     q.add_argument("--text-kv-budget", type=float, default=1.0,
-                   help="sparse-layer cache slots for answer tokens, as a fraction of the answer length")
+                   help="sparse-layer cache slots for answer tokens, as a fraction of the batch's longest "
+                        "answer rounded up to a multiple of 32 (default 1.0: exact)")
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--json", action="store_true", help="print one JSON object of metrics")
     a = p.parse_args(argv)

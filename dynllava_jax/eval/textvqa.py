@@ -1,10 +1,11 @@
 """TextVQA accuracy, as LLaVA's ``llava/eval/eval_textvqa.py`` with ``m4c_evaluator.py``.
 
 The annotation file is the official ``TextVQA_0.5.1_val.json`` (``data``: rows with ``image_id``,
-``question``, ten ``answers``). As there, a result row is matched to its annotation by
-(``question_id``, question recovered from ``prompt``, lowercased): LLaVA's TextVQA question file
-uses the image id as question_id, so the question text tells apart questions on one image. The
-question is recovered from the prompt as the official ``prompt_processor`` does:
+``question``, ten ``answers``). As there, a result row is matched to the annotation whose
+``image_id`` equals the row's ``question_id`` and whose lowercased question equals the question
+recovered from the row's ``prompt`` (so LLaVA's TextVQA question file must carry the image id as
+question_id, and the question text tells apart questions on one image). The question is recovered
+from the prompt as the official ``prompt_processor`` does:
 
 * ``OCR tokens: ... Question: Q Short answer:`` -> Q;
 * three lines containing ``Reference OCR token: `` -> the second line if the prompt starts with
