@@ -206,6 +206,16 @@ def test_textvqa_hand_worked(textvqa_files):
     assert m == {"samples": 3, "accuracy": pytest.approx(190 / 3)}
 
 
+def test_textvqa_result_dir(textvqa_files, tmp_path):
+    (tmp_path / "b.jsonl").write_text((textvqa_files / "a.jsonl").read_text().splitlines()[0] + "\n")
+    (tmp_path / "a.jsonl").write_text((textvqa_files / "a.jsonl").read_text())
+    (tmp_path / "notes.txt").write_text("skipped: not .jsonl")
+    m = textvqa.score_dir(textvqa_files / "TextVQA_0.5.1_val.json", tmp_path)
+    # a: the three answers of test_textvqa_hand_worked (63.33 %); b: only the first (100 %).
+    assert list(m) == ["a", "b"] and m["a"]["accuracy"] == pytest.approx(190 / 3)
+    assert m["b"] == {"samples": 1, "accuracy": 100.0}
+
+
 def test_textvqa_matches_official(textvqa_files):
     m4c = runpy.run_path(str(official("llava/eval/m4c_evaluator.py")))
     fake = types.ModuleType("llava.eval.m4c_evaluator")  # eval_textvqa imports it by package name

@@ -1,7 +1,7 @@
 """python -m dynllava_jax.eval: score LLaVA benchmark answers, merge split answer files.
 
   score pope    --annotation-dir D --question-file Q --result-file A
-  score textvqa --annotation-file TextVQA_0.5.1_val.json --result-file A
+  score textvqa --annotation-file TextVQA_0.5.1_val.json --result-file A   (or --result-dir D)
   score sqa     --base-dir D --result-file A [--split test] [--options ABCDE]
                 [--output-file F --output-result R]
   score vqa     --annotation-file ANN --result-file A
@@ -49,7 +49,9 @@ def parse_args(argv=None):
     t.add_argument("--result-file", required=True, help="answers .jsonl")
     t = task("textvqa", "TextVQA (llava/eval/eval_textvqa.py)")
     t.add_argument("--annotation-file", required=True, help="TextVQA_0.5.1_val.json")
-    t.add_argument("--result-file", required=True, help="answers .jsonl")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--result-file", help="answers .jsonl")
+    src.add_argument("--result-dir", help="score every .jsonl in this folder (as the official script)")
     t = task("sqa", "ScienceQA (llava/eval/eval_science_qa.py)")
     t.add_argument("--base-dir", required=True, help="folder with problems.json and pid_splits.json")
     t.add_argument("--result-file", required=True, help="answers .jsonl")
@@ -118,6 +120,10 @@ def run_score(a) -> tuple[dict, str]:
         m = pope.score_files(a.annotation_dir, a.question_file, a.result_file)
         return m, pope_table(m)
     if a.task == "textvqa":
+        if a.result_dir is not None:
+            m = textvqa.score_dir(a.annotation_file, a.result_dir)
+            return m, render(["result file", "samples", "accuracy (%)"],
+                             [[name, f["samples"], f["accuracy"]] for name, f in m.items()])
         m = textvqa.score_files(a.annotation_file, a.result_file)
         return m, render(["samples", "accuracy (%)"], [[m["samples"], m["accuracy"]]])
     if a.task == "sqa":

@@ -19,6 +19,7 @@ percent (the official script prints it to two decimals).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from .files import UserError, read_json, read_jsonl
 from .normalize import vqa_score
@@ -75,3 +76,15 @@ def score_files(annotation_file, result_file) -> dict:
             raise UserError(f"{annotation_file}: data[{i}] lacks image_id, question or answers")
     results = read_jsonl(result_file, required=("question_id", "prompt", "text"))
     return score(results, data["data"])
+
+
+def score_dir(annotation_file, result_dir) -> dict[str, dict]:
+    """Every ``.jsonl`` of result_dir, in sorted order, keyed by its name without the extension
+    (the "experiment name" the official script prints)."""
+    d = Path(result_dir)
+    if not d.is_dir():
+        raise UserError(f"--result-dir is not a directory: {d}")
+    files = sorted(p for p in d.iterdir() if p.name.endswith(".jsonl"))
+    if not files:
+        raise UserError(f"--result-dir has no .jsonl files: {d}")
+    return {p.stem: score_files(annotation_file, p) for p in files}
