@@ -79,7 +79,7 @@ def test_teacher_forcing_its_own_greedy_answer_retraces_decoding(model, requests
     # Greedy dynamic decoding (20 % of image tokens, output-text predictor on), then the same tokens
     # teacher-forced: every step's argmax is the next token, and the sparse cache kept the same
     # generated tokens, so the perplexity is measured with the cache decoding really has.
-    opts = GenOptions(mode="dynamic", max_new_tokens=12)
+    opts = GenOptions(mode="dynamic", max_new_tokens=ppl.ANSWER_BUCKET)  # the prefill compile is shared
     answers = model.answer(requests, opts)
     eos = model.tokenizer.eos_id
     targets = [a["token_ids"] + ([eos] if len(a["token_ids"]) < opts.max_new_tokens else []) for a in answers]

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generate import GenOptions, compacted_length, decode_step, prefill
+from ..generate import GenOptions, compacted_length, decode_step, jit_prefill
 from ..inputs import expanded_length, prepare_batch, round_up
 from ..inference import PROMPT_BUCKET, Request
 from .files import UserError
@@ -32,13 +32,11 @@ from .files import UserError
 ANSWER_BUCKET = 32  # answers are padded to a multiple of this: one compile serves many batches
 
 
-@partial(jax.jit, static_argnames=("cfg", "opts", "compact_len"))
-def teacher_forced(params, tokens, lengths, image_start, pixels, targets_BN, target_len_B, *, cfg, opts,
-                   compact_len):
-    """Log-probabilities [B, N] of targets fed through the cache (0 past target_len), each
-    step's argmax [B, N], generated tokens kept in the sparse caches [B], image keep [B, N_img]."""
-    logits, state = prefill(params, tokens, lengths, image_start, pixels, cfg=cfg, opts=opts,
-                            compact_len=compact_len)
+@partial(jax.jit, static_argnames=("cfg", "opts"))
+def forced_steps(params, first_logits, state, targets_BN, target_len_B, *, cfg, opts):
+    """After `prefill`: log-probabilities [B, N] of the targets fed through the cache one at a time
+    (0 past target_len), each step's argmax [B, N], generated tokens kept in the sparse caches
+    [B] and the image keep mask [B, N_img]."""
     first_gen = state.sparse_len
 
     def pick(logits, target):
@@ -52,7 +50,7 @@ def teacher_forced(params, tokens, lengths, image_start, pixels, targets_BN, tar
         logits, state = decode_step(params, targets_BN[:, j - 1], state, active, cfg=cfg, opts=opts)
         return state, pick(logits, targets_BN[:, j])
 
-    lp0, am0 = pick(logits, targets_BN[:, 0])
+    lp0, am0 = pick(first_logits, targets_BN[:, 0])
     state, (lps, ams) = jax.lax.scan(step, state, jnp.arange(1, targets_BN.shape[1]))
     lp = jnp.concatenate([lp0[:, None], lps.T], axis=1)
     am = jnp.concatenate([am0[:, None], ams.T], axis=1)
@@ -97,11 +95,13 @@ def score_ids(model, requests: list[Request], targets: list[list[int]], opts: Ge
     tgt = np.full((len(requests), n), model.tokenizer.pad_id, np.int32)
     for i, t in enumerate(targets):
         tgt[i, : len(t)] = t
-    lp, argmax, in_cache, image_keep = teacher_forced(
-        model.params, jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), jnp.asarray(batch.image_start),
-        None if pixels is None else jnp.asarray(pixels), jnp.asarray(tgt),
-        jnp.asarray([len(t) for t in targets], jnp.int32), cfg=cfg, opts=opts,
-        compact_len=compacted_length(batch, cfg, opts))
+    # The prompt pass is generation's own compiled prefill (shared with `generate` for equal options).
+    logits, state = jit_prefill(model.params, jnp.asarray(batch.tokens), jnp.asarray(batch.lengths),
+                                jnp.asarray(batch.image_start), None if pixels is None else jnp.asarray(pixels),
+                                cfg=cfg, opts=opts, compact_len=compacted_length(batch, cfg, opts))
+    lp, argmax, in_cache, image_keep = forced_steps(model.params, logits, state, jnp.asarray(tgt),
+                                                    jnp.asarray([len(t) for t in targets], jnp.int32),
+                                                    cfg=cfg, opts=opts)
     lp, argmax, in_cache, image_keep = map(np.asarray, (lp, argmax, in_cache, image_keep))
     out = []
     for i, (r, t) in enumerate(zip(requests, targets)):
