@@ -156,8 +156,6 @@ def merge(a) -> int:
 
 def run_ppl(a) -> tuple[dict, str]:
     from pathlib import Path
-
-    from tqdm import tqdm
     if a.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if a.vision_keep_rate is not None and not 0.0 < a.vision_keep_rate <= 1.0:
@@ -171,7 +169,7 @@ def run_ppl(a) -> tuple[dict, str]:
     from ..checkpoint import CheckpointDirError
     from ..generate import GenOptions
     from ..image_processing import ImageLoadError
-    from ..inference import DEFAULT_CHECKPOINT, Llava, Request
+    from ..inference import DEFAULT_CHECKPOINT, Llava
     from ..inputs import InputError
     ckpt = Path(a.checkpoint) if a.checkpoint else DEFAULT_CHECKPOINT
     if not ckpt.is_dir():
@@ -186,33 +184,10 @@ def run_ppl(a) -> tuple[dict, str]:
     if mode == "dense" and (a.vision_keep_rate is not None or a.text_kv_budget != 1.0):
         raise UserError("--vision-keep-rate and --text-kv-budget apply to --mode dynamic only")
     opts = GenOptions(mode=mode, vision_keep_rate=a.vision_keep_rate, text_kv_budget=a.text_kv_budget)
-    rows = []
-    out = open(a.answers_file, "w") if a.answers_file else None
     try:
-        with tqdm(total=len(questions), desc="ppl", unit="q", file=sys.stderr) as bar:
-            for i in range(0, len(questions), a.batch_size):
-                chunk = questions[i: i + a.batch_size]
-                reqs = [Request(q["question"], str(Path(a.image_folder) / q["image"]) if q["image"] else None)
-                        for q in chunk]
-                # A short last batch is padded with copies so that it reuses the compiled shapes.
-                pad = min(a.batch_size, len(questions)) - len(reqs)
-                try:
-                    res = ppl.score_batch(model, reqs + reqs[-1:] * pad,
-                                          [q["answer"] for q in chunk + chunk[-1:] * pad], opts)
-                except (ImageLoadError, InputError) as e:
-                    raise UserError(f"question(s) {[q['id'] for q in chunk]}: {e}") from None
-                for q, r in zip(chunk, res):
-                    row = {"question_id": q["id"], "prompt": ("<image>\n" if q["image"] else "") + q["question"],
-                           "model_id": model.path.name, "mode": mode,
-                           **{k: v for k, v in r.items() if k not in ("argmax_ids", "answer_ids")}}
-                    rows.append(row)
-                    if out:
-                        out.write(json.dumps(row) + "\n")
-                        out.flush()
-                bar.update(len(chunk))
-    finally:
-        if out:
-            out.close()
+        rows = ppl.score_questions(model, questions, a.image_folder, opts, a.batch_size, a.answers_file)
+    except (ImageLoadError, InputError) as e:
+        raise UserError(str(e)) from None
     m = dict(ppl.summary(rows), mode=mode)
     return m, render(["mode", "questions", "mean ppl", "answer tokens fed", "kept in sparse cache",
                       "image tokens kept"],

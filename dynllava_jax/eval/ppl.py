@@ -17,8 +17,11 @@ appended to the answers file as a last row.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +30,7 @@ import numpy as np
 from ..generate import GenOptions, compacted_length, decode_step, jit_prefill
 from ..inputs import expanded_length, prepare_batch, round_up
 from ..inference import PROMPT_BUCKET, Request
-from .files import UserError
+from .files import UserError, read_json, read_jsonl
 
 ANSWER_BUCKET = 32  # answers are padded to a multiple of this: one compile serves many batches
 
@@ -114,6 +117,43 @@ def score_ids(model, requests: list[Request], targets: list[list[int]], opts: Ge
     return out
 
 
+def score_questions(model, questions: list[dict], image_folder, opts: GenOptions, batch_size: int = 8,
+                    answers_file=None) -> list[dict]:
+    """One row per question (``read_questions`` records), in batches of batch_size, each written
+    and flushed to answers_file (if given) as it is made."""
+    from tqdm import tqdm
+
+    from ..inputs import InputError
+    rows = []
+    out = open(answers_file, "w") if answers_file else None
+    try:
+        with tqdm(total=len(questions), desc="ppl", unit="q", file=sys.stderr) as bar:
+            for i in range(0, len(questions), batch_size):
+                chunk = questions[i: i + batch_size]
+                reqs = [Request(q["question"], str(Path(image_folder) / q["image"]) if q["image"] else None)
+                        for q in chunk]
+                # A short last batch is padded with copies so that it reuses the compiled shapes.
+                pad = min(batch_size, len(questions)) - len(reqs)
+                try:
+                    res = score_batch(model, reqs + reqs[-1:] * pad,
+                                      [q["answer"] for q in chunk + chunk[-1:] * pad], opts)
+                except (OSError, ValueError) as e:  # bad image or prompt: say which questions
+                    raise InputError(f"question(s) {[q['id'] for q in chunk]}: {e}") from None
+                for q, r in zip(chunk, res):
+                    row = {"question_id": q["id"], "prompt": ("<image>\n" if q["image"] else "") + q["question"],
+                           "model_id": model.path.name, "mode": opts.mode,
+                           **{k: v for k, v in r.items() if k not in ("argmax_ids", "answer_ids")}}
+                    rows.append(row)
+                    if out:
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+                bar.update(len(chunk))
+    finally:
+        if out:
+            out.close()
+    return rows
+
+
 def summary(rows: list[dict]) -> dict:
     """Means over questions, as the official script's last line."""
     if not rows:
@@ -128,9 +168,6 @@ def summary(rows: list[dict]) -> dict:
 def read_questions(path) -> list[dict]:
     """The official LVIS-style question file: a JSON list (or JSONL) of {id, image, question, answer};
     ``question_id`` / ``text`` are accepted for ``id`` / ``question`` (LLaVA's eval .jsonl names)."""
-    from pathlib import Path
-
-    from .files import read_json, read_jsonl
     rows = read_jsonl(path) if Path(path).suffix == ".jsonl" else read_json(path)
     if not isinstance(rows, list):
         raise UserError(f"{path}: expected a list of questions")
