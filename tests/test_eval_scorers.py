@@ -160,6 +160,20 @@ def test_pope_matches_official(pope_files):
             pytest.approx([f[k] for k in pope.FIGURES])
 
 
+def test_pope_matches_official_on_random_answers(tmp_path):
+    ns = runpy.run_path(str(official("llava/eval/eval_pope.py")))
+    rng = random.Random(2)
+    words = ["Yes", "yes", "No", "no", "not", "Not", "No,", "no.", "there", "is", "a", "dog", ".", ",", " ", "\n"]
+    labels = [rng.choice(["yes", "no"]) for _ in range(60)]
+    texts = ["".join(rng.choice(words) + rng.choice([" ", "", ". ", ", "]) for _ in range(rng.randint(1, 6)))
+             for _ in labels]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ns["eval_pope"]([{"text": t} for t in texts], str(write_jsonl(tmp_path / "l.json", [{"label": x} for x in labels])))
+    f = pope.figures(pope.confusion(texts, labels))
+    assert out.getvalue().splitlines()[1].split("\t") == [str(f[k]) for k in ("TP", "FP", "TN", "FN")]
+
+
 def test_pope_unknown_question_is_a_user_error(pope_files, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"question_id": 99, "text": "yes"}])
     rc, out, err = run_cli("score", "pope", "--annotation-dir", pope_files / "coco",
@@ -314,6 +328,31 @@ def test_sqa_matches_official(sqa_files, tmp_path, monkeypatch):
         assert json.loads((tmp_path / "o.json").read_text()) == json.loads((tmp_path / "o2.json").read_text())
         acc = out.getvalue().split("Accuracy: ")[1].split("%")[0]
         assert f"{ours['acc']:.2f}" == acc and acc in table
+
+
+def test_sqa_matches_official_on_random_answers(tmp_path, monkeypatch):
+    path = official("llava/eval/eval_science_qa.py")
+    rng = random.Random(3)
+    pieces = ["A", "B", "C", "E", "Z", "The answer is ", "the answer is ", ".", ". ", " ", "x", "!"]
+    problems, rows = {}, []
+    for i in range(80):
+        n = rng.randint(2, 5)
+        problems[f"p{i}"] = {"choices": ["c"] * n, "answer": rng.randrange(n)}
+        if rng.random() < 0.9:  # some problems get no answer
+            rows.append({"question_id": f"p{i}", "prompt": rng.choice(["<image>\nQ", "Q"]),
+                         "text": "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))})
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": list(problems)}))
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    monkeypatch.setattr(sys, "argv", ["eval_science_qa.py", "--base-dir", str(tmp_path), "--result-file",
+                                      str(tmp_path / "a.jsonl"), "--output-file", str(tmp_path / "o.json"),
+                                      "--output-result", str(tmp_path / "r.json")])
+    with contextlib.redirect_stdout(io.StringIO()):
+        runpy.run_path(str(path), run_name="__main__")
+    sqa.score_files(tmp_path, tmp_path / "a.jsonl", output_file=tmp_path / "o2.json",
+                    output_result=tmp_path / "r2.json")
+    theirs, ours = json.loads((tmp_path / "r.json").read_text()), json.loads((tmp_path / "r2.json").read_text())
+    assert {k: ours[k] for k in theirs} == theirs and 0 < theirs["correct"] < theirs["count"]
 
 
 # ----------------------------------------------------------------------------- VQA
