@@ -498,6 +498,12 @@ def export(src: str | Path, dst: str | Path, fmt: str, dtype: Optional[str] = No
             for f in TOKENIZER_FILES:
                 if (src / f).is_file():
                     shutil.copyfile(src / f, tmp / f)
+            if not (src / "tokenizer.model").is_file() and (src / "tokenizer.json").is_file():
+                # the official code's slow LlamaTokenizer reads only tokenizer.model
+                from .tokenizer_json import read_tokenizer_json, sentencepiece_proto
+                data = read_tokenizer_json(src / "tokenizer.json")
+                (tmp / "tokenizer.model").write_bytes(sentencepiece_proto(data, src / "tokenizer.json"))
+                notes.append("tokenizer.model rebuilt from tokenizer.json (the official code reads only it)")
             if not (tmp / "generation_config.json").exists():
                 gen = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
                        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,

@@ -110,14 +110,16 @@ class LlavaTokenizer:
         self.clean_up_spaces: bool = bool(cfg.get("clean_up_tokenization_spaces", False))
 
         json_added: dict = {}
-        if model_file.is_file():
-            proto, source = model_file.read_bytes(), model_file
-        else:
+        data = None
+        if json_file.is_file() and (not model_file.is_file() or not cfg.get("added_tokens_decoder")):
             data = read_tokenizer_json(json_file)
-            proto, source = sentencepiece_proto(data, json_file), json_file
             json_added = {str(a["id"]): a for a in data.get("added_tokens") or []
                           if isinstance(a, dict) and isinstance(a.get("id"), int)
                           and isinstance(a.get("content"), str)}
+        if model_file.is_file():
+            proto, source = model_file.read_bytes(), model_file
+        else:
+            proto, source = sentencepiece_proto(data, json_file), json_file
         self.sp = _processor(proto, self.legacy, source)
 
         def tok(name: str, default: str | None) -> str | None:
