@@ -480,11 +480,19 @@ def test_exported_tensors_are_verified_when_converted_back(converted_hf5, tmp_pa
         convert(exp, tmp_path / "back", progress=False)
 
 
-def test_bundled_checkpoint_is_verified():
+def test_bundled_checkpoint_is_verified_and_a_flipped_bit_caught(tmp_path):
     from dynllava_jax import checksums
     from dynllava_jax.inference import DEFAULT_CHECKPOINT
     _, params = load_converted(DEFAULT_CHECKPOINT)
     assert checksums.verify(DEFAULT_CHECKPOINT, params)
+    d = tmp_path / "tiny"
+    shutil.copytree(DEFAULT_CHECKPOINT, d)
+    chunk = d / "params" / "llm.embed_tokens.embedding" / "0.0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5000] ^= 0x04  # inside the compressed data: it still decodes, to other values
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match="tensor llm/embed_tokens/embedding does not match"):
+        load_converted(d)
 
 
 def _edit_model_config(d: Path, fn) -> None:
