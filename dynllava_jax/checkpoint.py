@@ -183,7 +183,9 @@ def load_params(path: str | Path, target: Any = None) -> Any:
     if not path.exists():
         raise CheckpointDirError(f"{path.parent} has no params/ directory")
     ckptr = ocp.StandardCheckpointer()
-    return ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+    params = ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+    checksums.verify(path.parent, params)  # params_checksums.json, where the directory has one
+    return params
 
 
 def checkpoint_shapes(path: str | Path) -> dict:
@@ -220,5 +222,4 @@ def load_converted(path: str | Path, mesh=None):
         target = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                         shapes, param_shardings(shapes, mesh))
         params = load_params(path, target)
-    checksums.verify(Path(path), params)
     return cfg, params

@@ -493,6 +493,15 @@ def test_bundled_checkpoint_is_verified_and_a_flipped_bit_caught(tmp_path):
     chunk.write_bytes(bytes(raw))
     with pytest.raises(ChecksumError, match="tensor llm/embed_tokens/embedding does not match"):
         load_converted(d)
+    # what train.py --init-from calls: verified too, except leaves it restores cast
+    import jax
+    import jax.numpy as jnp
+    from dynllava_jax.checkpoint import checkpoint_shapes, load_params
+    shapes = checkpoint_shapes(d / "params")
+    with pytest.raises(ChecksumError, match="llm/embed_tokens/embedding"):
+        load_params(d, shapes)
+    cast = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), shapes)
+    assert load_params(d, cast)["llm"]["norm"]["scale"].dtype == jnp.bfloat16
 
 
 def _edit_model_config(d: Path, fn) -> None:
