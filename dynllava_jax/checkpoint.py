@@ -68,7 +68,9 @@ def save_converted(dst: str | Path, params: Any, cfg: ModelConfig, preprocessor:
 
 def check_dst(dst: Path, force: bool) -> None:
     """Refuse a destination that exists without --force, or that is not a directory."""
-    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+    if dst.is_symlink():  # replacing would move the link, not what it points to
+        raise CheckpointDirError(f"--dst {dst} is a symbolic link; give the directory itself")
+    if dst.exists() and not dst.is_dir():
         raise CheckpointDirError(f"--dst {dst} exists and is not a directory; remove it or choose another --dst")
     if dst.exists() and not force:
         raise CheckpointDirError(f"{dst} exists; pass --force to replace it")

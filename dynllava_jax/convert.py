@@ -197,10 +197,11 @@ class _Fields:
 
 def _llm_config(t: _Fields) -> LLMConfig:
     heads = t.get("num_attention_heads", 32, int, positive=True)
-    scaling = t.d.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else scaling
-    if kind not in ("default", None):
-        raise CheckpointError(f"rope_scaling {scaling} is not supported (LLaVA-1.5 uses plain RoPE)")
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 4 / 5 names
+        scaling = t.d.get(key) or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else scaling
+        if kind not in ("default", None):
+            raise CheckpointError(f"{t.file}: {t.name(key)} {scaling} is not supported (LLaVA-1.5 uses plain RoPE)")
     if t.d.get("attention_bias") or t.d.get("mlp_bias"):
         raise CheckpointError("attention_bias / mlp_bias are not supported (LLaMA has no biases)")
     rope = t.sub("rope_parameters").get("rope_theta", None, float, positive=True)
@@ -320,6 +321,13 @@ def read_preprocessor(d: Path) -> Optional[dict]:
     return pre
 
 
+def _pad_id(top: _Fields) -> int:
+    """The config's pad id; -1 (early LLaMA configs' "none") means LLaVA's pad, <unk> = 0."""
+    if top.d.get("pad_token_id") == -1:
+        return 0
+    return top.token_id("pad_token_id", 0)
+
+
 def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
     src = Path(src)
     if not src.is_dir():
@@ -424,7 +432,7 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
         return text.token_id(key, default) or default
     cfg = ModelConfig(vision=vision, llm=llm, sparse=sparse, image_token_index=image_token,
                       bos_token_id=token("bos_token_id", 1) or 1, eos_token_id=token("eos_token_id", 2) or 2,
-                      pad_token_id=top.token_id("pad_token_id", 0))
+                      pad_token_id=_pad_id(top))
     try:
         cfg.validate()
     except ConfigError as e:  # relations between fields, in our names (e.g. sparse.sparse_layer)

@@ -140,8 +140,8 @@ class LlavaTokenizer:
         for idx, entry in (cfg.get("added_tokens_decoder") or json_added).items():
             self._added[entry["content"]] = (
                 int(idx), bool(entry.get("lstrip")), bool(entry.get("rstrip")))
-        extra = [_content(t) for t in (cfg.get("additional_special_tokens")
-                                       or cfg.get("extra_special_tokens") or [])]
+        extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
+        extra = [_content(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
         extra = [t for t in extra if isinstance(t, str)]
         for t in [self.bos_token, self.eos_token, self.unk_token, self.pad_token, *extra]:
             if t is not None and t not in self._added:
