@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dtype of the written weights: float32 (default) or bfloat16; with --export "
                          "also float16 (default: the params' dtype)")
     ap.add_argument("--force", action="store_true", help="replace --dst if it exists")
+    ap.add_argument("--allow-nonfinite", action="store_true",
+                    help="convert weights holding NaN or Inf (refused by default: such a model answers garbage)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ex = ap.add_argument_group("export (converted directory -> PyTorch)")
     ex.add_argument("--export", action="store_true", help="export --src back to a PyTorch layout")
@@ -64,27 +66,32 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dynllava_jax.checkpoint import CheckpointDirError
     from dynllava_jax.checkpoint_io import CheckpointError
+    from dynllava_jax.checksums import ChecksumError
     from dynllava_jax.convert import convert
 
     try:
         if args.export:
             if args.format is None:
                 raise CheckpointError("--export needs --format original or --format llava-hf")
-            if args.vision_tower is not None:
-                raise CheckpointError("--vision-tower applies to conversion, not to --export")
+            if args.vision_tower is not None or args.allow_nonfinite:
+                raise CheckpointError("--vision-tower and --allow-nonfinite apply to conversion, not to --export")
             return _export(args)
         if args.format is not None or args.max_shard_size is not None or args.dense_only:
             raise CheckpointError("--format, --max-shard-size and --dense-only need --export")
         info: dict = {}
         convert(args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype or "float32",
-                force=args.force, progress=not args.quiet, info=info)
-    except (CheckpointError, CheckpointDirError, FileNotFoundError, PermissionError) as e:
+                force=args.force, progress=not args.quiet, info=info, allow_nonfinite=args.allow_nonfinite)
+    except (CheckpointError, CheckpointDirError, ChecksumError, FileNotFoundError, PermissionError,
+            NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for w in info["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     print(f"layout:      {info['layout']}")
     print(f"params:      {info['params']:,} ({info['dtype']})")
     print(f"predictors:  {', '.join(info['predictors']) or 'none (plain LLaVA-1.5)'}")
     print(f"vision:      {info['vision_tower']}")
+    print(f"tokenizer:   {info['tokenizer']}")
     if info["ignored"]:
         print(f"ignored:     {len(info['ignored'])} unused tensor(s), e.g. {info['ignored'][0]}")
     print(f"written to:  {info['dst']}")

@@ -6,6 +6,7 @@
     DIR/tokenizer.model, tokenizer_config.json, ...  the checkpoint's tokenizer files
     DIR/source_config.json       the PyTorch checkpoint's config.json, verbatim (for export)
     DIR/unused_tensors.safetensors  source tensors the model does not use (CLIP post_layernorm)
+    DIR/params_checksums.json    CRC-32 of each params tensor, verified on load (checksums.py)
 
 Written to a temporary sibling and renamed at the end, so a failed write leaves nothing.
 """
@@ -17,9 +18,11 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from . import checksums
 from .config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -38,12 +41,12 @@ def save_converted(dst: str | Path, params: Any, cfg: ModelConfig, preprocessor:
     """`source_config` / `unused` (name -> array) are what an export restores; where they are
     not given, the files of a converted `tokenizer_dir` (a training run's init) are copied."""
     dst = Path(dst).absolute()
-    if dst.exists() and not force:
-        raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
+    check_dst(dst, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = make_tmp_dir(dst)
     try:
         save_params(tmp / "params", params)
+        checksums.write(tmp, params)
         cfg.save(tmp / "model_config.json")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
         if tokenizer_dir is not None:
@@ -63,10 +66,46 @@ def save_converted(dst: str | Path, params: Any, cfg: ModelConfig, preprocessor:
     return dst
 
 
+def check_dst(dst: Path, force: bool) -> None:
+    """Refuse a destination that exists without --force, or that is not a directory."""
+    if dst.is_symlink():  # replacing would move the link, not what it points to
+        raise CheckpointDirError(f"--dst {dst} is a symbolic link; give the directory itself")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointDirError(f"--dst {dst} exists and is not a directory; remove it or choose another --dst")
+    if dst.exists() and not force:
+        raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
+
+
+def check_disjoint(dst: Path, sources: dict[str, Any]) -> None:
+    """Refuse a --dst that is, contains or is inside one of `sources` (flag -> path): replacing
+    it would delete the source (and, for a parent folder, everything beside it)."""
+    d = Path(os.path.realpath(dst))
+    for flag, src in sources.items():
+        if src is None:
+            continue
+        s = Path(os.path.realpath(src))
+        if d == s or s in d.parents or d in s.parents:
+            rel = "is" if d == s else "is inside" if s in d.parents else "contains"
+            raise CheckpointDirError(f"--dst {dst} {rel} {flag} {src}: choose a destination outside it")
+
+
+def make_tmp_dir(dst: Path) -> Path:
+    """A temporary sibling of `dst` with the mode a plain mkdir gives (mkdtemp's is 0700,
+    which would outlive the rename)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def replace_dir(tmp: Path, dst: Path) -> None:
-    """Move a finished temporary directory to `dst`, replacing what is there."""
+    """Move a finished temporary directory to `dst`, replacing what is there.
+
+    The old directory is moved aside under a fresh hidden name, so a `DST.old` left by
+    anything else is neither in the way nor deleted."""
     if dst.exists():
-        old = dst.with_name(dst.name + ".old")
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(dst, old)
         os.replace(tmp, dst)
         shutil.rmtree(old)
@@ -118,7 +157,25 @@ def load_config(path: str | Path) -> ModelConfig:
     if not (path / "model_config.json").exists():
         raise CheckpointDirError(
             f"{path} is not a converted checkpoint (no model_config.json); convert it with convert_weights.py")
-    return ModelConfig.load(path / "model_config.json")
+    return ModelConfig.load(path / "model_config.json")  # ConfigError names the file and field
+
+
+def check_params_match(cfg: ModelConfig, shapes: dict, path: Path) -> None:
+    """Raise CheckpointDirError unless the params' leaves have the shapes `cfg` gives them."""
+    import jax
+    from .model import init_params
+    want = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    flat = lambda t: {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(x.shape)
+                      for kp, x in jax.tree_util.tree_leaves_with_path(t)}
+    w, h = flat(want), flat(shapes)
+    bad = [f"{k} is {h[k]} in params/ but {w[k]} from the config" for k in sorted(set(w) & set(h))
+           if w[k] != h[k]]
+    bad += [f"{k} is missing from params/" for k in sorted(set(w) - set(h))]
+    bad += [f"params/ has {k}, which the config has no place for" for k in sorted(set(h) - set(w))]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointDirError(f"{path / 'model_config.json'} does not match {path / 'params'}: "
+                                 + "; ".join(bad[:3]) + more)
 
 
 def load_params(path: str | Path, target: Any = None) -> Any:
@@ -128,7 +185,9 @@ def load_params(path: str | Path, target: Any = None) -> Any:
     if not path.exists():
         raise CheckpointDirError(f"{path.parent} has no params/ directory")
     ckptr = ocp.StandardCheckpointer()
-    return ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+    params = ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+    checksums.verify(path.parent, params)  # params_checksums.json, where the directory has one
+    return params
 
 
 def checkpoint_shapes(path: str | Path) -> dict:
@@ -153,13 +212,16 @@ def load_converted(path: str | Path, mesh=None):
     With a `mesh`, every parameter is restored straight into the sharding the training table
     gives it (`sharding.param_shardings`): no device ever holds the whole model."""
     cfg = load_config(path)
-    if mesh is None:
-        return cfg, load_params(path)
-    import jax
-    from .sharding import param_shardings
     if not (Path(path) / "params").exists():
         raise CheckpointDirError(f"{path} has no params/ directory")
     shapes = checkpoint_shapes(Path(path) / "params")
-    target = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                    shapes, param_shardings(shapes, mesh))
-    return cfg, load_params(path, target)
+    check_params_match(cfg, shapes, Path(path))
+    if mesh is None:
+        params = load_params(path)
+    else:
+        import jax
+        from .sharding import param_shardings
+        target = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                        shapes, param_shardings(shapes, mesh))
+        params = load_params(path, target)
+    return cfg, params

@@ -51,7 +51,15 @@ def weight_files(src: Path) -> list[Path]:
                 wm = json.loads((src / index).read_text())["weight_map"]
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{src / index} is not a valid shard index: {e}") from e
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise CheckpointError(f"{src / index}: weight_map must map tensor names to file names")
             files = sorted(set(wm.values()))
+            root = src.resolve()
+            outside = [f for f in files if Path(f).is_absolute()
+                       or root not in (src / f).resolve().parents]
+            if outside:
+                raise CheckpointError(f"{src / index} names shards outside the checkpoint folder: "
+                                      f"{outside[:3]} (refused)")
             missing = [f for f in files if not (src / f).exists()]
             if missing:
                 raise CheckpointError(f"{src / index} names shards that are missing: {missing}")
@@ -241,13 +249,26 @@ def _torch_zip_refs(f: Path) -> Optional[dict[str, TensorRef]]:
         return None
 
 
+def _refusal(f: Path, msg: str) -> Optional[str]:
+    """Our message for a pickle that torch's weights-only loader refused (its own advises
+    rerunning with weights_only=False, i.e. running the code inside: never do that here)."""
+    if "Weights only load failed" not in msg and "weights_only" not in msg:
+        return None
+    import re
+    what = re.search(r"(GLOBAL [\w.]+|Unsupported (?:global|operand)[^\n.]*)", msg)
+    found = f" ({what.group(1)})" if what else ""
+    return (f"cannot read {f}: it holds Python objects other than tensors{found}; refused, since "
+            "loading it could run code from the file. Re-save the weights as safetensors from a "
+            "trusted copy")
+
+
 def _torch_load(f: Path):
     import torch
     try:
         return torch.load(str(f), map_location="cpu", weights_only=True,
                           mmap=zipfile.is_zipfile(f))
     except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
-        raise CheckpointError(f"cannot read {f}: {e}") from e
+        raise CheckpointError(_refusal(f, str(e)) or f"cannot read {f}: {e}") from None
 
 
 def _file_refs(f: Path) -> Optional[dict[str, TensorRef]]:

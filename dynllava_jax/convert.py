@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .checkpoint_io import CheckpointError, iter_tensors, tensor_names, weight_files
-from .config import LLMConfig, ModelConfig, SparseConfig, VisionConfig
+from .config import ConfigError, LLMConfig, ModelConfig, SparseConfig, VisionConfig, check_type
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 # The public CLIP tower every LLaVA-1.5 checkpoint names; used only to recognise it.
@@ -158,39 +158,103 @@ def detect_layout(hf: dict) -> str:
         "mm_projector_type / mm_vision_tower) nor a llava-hf LlavaForConditionalGeneration config")
 
 
-def _llm_config(t: dict) -> LLMConfig:
-    heads = t.get("num_attention_heads", 32)
-    scaling = t.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ("default", None):
-        raise CheckpointError(f"rope_scaling {scaling} is not supported (LLaVA-1.5 uses plain RoPE)")
-    if t.get("attention_bias") or t.get("mlp_bias"):
+class _Fields:
+    """Typed reads of one source config object; errors name `config.json` and the field."""
+
+    def __init__(self, d, file: Path, where: str = ""):
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{file}: {where or 'the config'} must be a JSON object, got {json.dumps(d)[:60]}")
+        self.d, self.file, self.where = d, file, where
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def sub(self, key: str) -> "_Fields":
+        v = self.d.get(key)
+        return _Fields({} if v is None else v, self.file, self.name(key))
+
+    def get(self, key: str, default, kind: type, positive: bool = False):
+        v = self.d.get(key)
+        if v is None:
+            return default
+        try:
+            v = check_type(v, kind, self.name(key))
+        except ConfigError as e:
+            raise CheckpointError(f"{self.file}: {e}") from e
+        if positive and not v > 0:
+            raise CheckpointError(f"{self.file}: {self.name(key)} must be positive, got {v}")
+        return v
+
+    def token_id(self, key: str, default: int) -> int:
+        v = self.d.get(key)
+        if isinstance(v, list):
+            raise CheckpointError(f"{self.file}: {self.name(key)} is a list {v}; only one id is supported")
+        v = self.get(key, default, int)
+        if v < 0:
+            raise CheckpointError(f"{self.file}: {self.name(key)} must be a token id >= 0, got {v}")
+        return v
+
+
+def _llm_config(t: _Fields) -> LLMConfig:
+    heads = t.get("num_attention_heads", 32, int, positive=True)
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 4 / 5 names
+        scaling = t.d.get(key) or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else scaling
+        if kind not in ("default", None):
+            raise CheckpointError(f"{t.file}: {t.name(key)} {scaling} is not supported (LLaVA-1.5 uses plain RoPE)")
+    if t.d.get("attention_bias") or t.d.get("mlp_bias"):
         raise CheckpointError("attention_bias / mlp_bias are not supported (LLaMA has no biases)")
-    return LLMConfig(
-        vocab_size=t.get("vocab_size", 32000), hidden_size=t.get("hidden_size", 4096),
-        num_layers=t.get("num_hidden_layers", 32), num_heads=heads,
-        num_kv_heads=t.get("num_key_value_heads") or heads,
-        intermediate_size=t.get("intermediate_size", 11008),
-        rms_norm_eps=t.get("rms_norm_eps", 1e-5),
-        rope_theta=(t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta", 10000.0)),
-        max_position_embeddings=t.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)))
+    rope = t.sub("rope_parameters").get("rope_theta", None, float, positive=True)
+    out = LLMConfig(
+        vocab_size=t.get("vocab_size", 32000, int, True), hidden_size=t.get("hidden_size", 4096, int, True),
+        num_layers=t.get("num_hidden_layers", 32, int, True), num_heads=heads,
+        num_kv_heads=t.get("num_key_value_heads", heads, int, True),
+        intermediate_size=t.get("intermediate_size", 11008, int, True),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-5, float, True),
+        rope_theta=rope if rope is not None else t.get("rope_theta", 10000.0, float, True),
+        max_position_embeddings=t.get("max_position_embeddings", 4096, int, True),
+        tie_word_embeddings=t.get("tie_word_embeddings", False, bool))
+    if out.hidden_size % out.num_heads:
+        raise CheckpointError(f"{t.file}: {t.name('num_attention_heads')} {out.num_heads} does not divide "
+                              f"{t.name('hidden_size')} {out.hidden_size}")
+    if out.num_heads % out.num_kv_heads:
+        raise CheckpointError(f"{t.file}: {t.name('num_key_value_heads')} {out.num_kv_heads} does not divide "
+                              f"{t.name('num_attention_heads')} {out.num_heads}")
+    hd = t.get("head_dim", out.head_dim, int, True)
+    if hd != out.head_dim:
+        raise CheckpointError(f"{t.file}: {t.name('head_dim')} {hd} is not hidden_size / num_attention_heads "
+                              f"= {out.head_dim} (LLaMA's layout)")
+    return out
 
 
-def _vision_config(v: dict, select_layer: int) -> VisionConfig:
-    return VisionConfig(
-        image_size=v.get("image_size", 336), patch_size=v.get("patch_size", 14),
-        hidden_size=v.get("hidden_size", 1024), num_layers=v.get("num_hidden_layers", 24),
-        num_heads=v.get("num_attention_heads", 16),
-        intermediate_size=v.get("intermediate_size", 4096),
-        layer_norm_eps=v.get("layer_norm_eps", 1e-5), select_layer=select_layer)
+def _vision_config(v, select_layer: int, file: Path = Path("config.json")) -> VisionConfig:
+    v = v if isinstance(v, _Fields) else _Fields(v, file, "vision_config")
+    out = VisionConfig(
+        image_size=v.get("image_size", 336, int, True), patch_size=v.get("patch_size", 14, int, True),
+        hidden_size=v.get("hidden_size", 1024, int, True), num_layers=v.get("num_hidden_layers", 24, int, True),
+        num_heads=v.get("num_attention_heads", 16, int, True),
+        intermediate_size=v.get("intermediate_size", 4096, int, True),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5, float, True), select_layer=select_layer)
+    if out.hidden_size % out.num_heads:
+        raise CheckpointError(f"{v.file}: {v.name('num_attention_heads')} {out.num_heads} does not divide "
+                              f"{v.name('hidden_size')} {out.hidden_size}")
+    if out.image_size % out.patch_size:
+        raise CheckpointError(f"{v.file}: {v.name('image_size')} {out.image_size} is not a multiple of "
+                              f"{v.name('patch_size')} {out.patch_size}")
+    return out
 
 
-def _sparse_config(sc: Optional[dict]) -> SparseConfig:
+_SPARSE_TYPES = {"d_model": int, "nhead": int, "dim_feedforward": int, "num_layers": int,
+                 "sparse_layer": int, "vision_keep_rate": float, "output_text_keep_rate": float,
+                 "output_text_len_for_training": int, "mask_loss_weight": float,
+                 "use_vision_predictor": bool, "use_output_text_predictor": bool}
+
+
+def _sparse_config(sc: Optional[dict], file: Path = Path("config.json")) -> SparseConfig:
     if not sc:
         return SparseConfig(enabled=False)
-    keys = {f.name for f in dataclasses.fields(SparseConfig)}
-    kw = {k: sc[k] for k in keys if k in sc}
+    f = _Fields(sc, file, "sparse_config")
+    kw = {k: f.get(k, None, kind) for k, kind in _SPARSE_TYPES.items() if sc.get(k) is not None}
     return SparseConfig(enabled=True, **kw)
 
 
@@ -229,16 +293,50 @@ class Source:
     unused: Optional[dict] = None  # KEPT_UNUSED names -> (shape, file, source name)
 
 
+def _read_json_object(path: Path, what: str = "") -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: {what or 'the file'} must be a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_preprocessor(d: Path) -> Optional[dict]:
+    """CLIP image settings from `preprocessor_config.json`, or from the `image_processor` of
+    transformers 5's `processor_config.json` (a LlavaImageProcessor: CLIP's settings plus
+    `do_pad`, the square padding LLaVA always applies); None where neither exists."""
+    if (d / "preprocessor_config.json").is_file():
+        pre = _read_json_object(d / "preprocessor_config.json")
+    elif (d / "processor_config.json").is_file():
+        proc = _read_json_object(d / "processor_config.json")
+        pre = proc.get("image_processor")
+        if not isinstance(pre, dict):
+            raise CheckpointError(f"{d / 'processor_config.json'}: no image_processor object")
+    else:
+        return None
+    pre = {k: v for k, v in pre.items() if k not in ("do_pad", "processor_class")}
+    pre["image_processor_type"] = "CLIPImageProcessor"
+    return pre
+
+
+def _pad_id(top: _Fields) -> int:
+    """The config's pad id; -1 (early LLaMA configs' "none") means LLaVA's pad, <unk> = 0."""
+    if top.d.get("pad_token_id") == -1:
+        return 0
+    return top.token_id("pad_token_id", 0)
+
+
 def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {src}")
-    if not (src / "config.json").exists():
+    cfg_file = src / "config.json"
+    if not cfg_file.exists():
         raise CheckpointError(f"{src} has no config.json")
-    try:
-        hf = json.loads((src / "config.json").read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{src / 'config.json'} is not valid JSON: {e}") from e
+    hf = _read_json_object(cfg_file, "the config")
+    top = _Fields(hf, cfg_file)
     layout = detect_layout(hf)
     raw = tensor_names(weight_files(src))
     tensors = {}
@@ -250,42 +348,47 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
         tensors[canon] = (shape, f, k)
 
     if layout == "llava-hf":
-        text = hf.get("text_config") or {}
+        text = top.sub("text_config")
         llm = _llm_config(text)
-        sel = hf.get("vision_feature_layer", -2)
+        sel = top.get("vision_feature_layer", -2, int)
         if hf.get("vision_feature_select_strategy", "default") != "default":
             raise CheckpointError("only vision_feature_select_strategy 'default' (drop CLS) is supported")
         if hf.get("projector_hidden_act", "gelu") != "gelu":
             raise CheckpointError("only the mlp2x_gelu projector is supported")
-        _check_act(text, "hidden_act", "silu", "the LLM")
-        _check_act(hf.get("vision_config") or {}, "hidden_act", "quick_gelu", "the vision tower")
-        vision = _vision_config(hf.get("vision_config") or {}, sel)
+        _check_act(text.d, "hidden_act", "silu", "the LLM")
+        _check_act(top.sub("vision_config").d, "hidden_act", "quick_gelu", "the vision tower")
+        vision = _vision_config(top.sub("vision_config"), sel)
         sparse = SparseConfig(enabled=False)
         image_token = -200
-        pre_path = src / "preprocessor_config.json"
+        pre_dir = src
     else:
-        llm = _llm_config(hf)
+        text = top
+        llm = _llm_config(top)
         if hf.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
             raise CheckpointError(f"projector {hf.get('mm_projector_type')!r} is not supported (mlp2x_gelu only)")
-        sel = hf.get("mm_vision_select_layer", -2)
+        sel = top.get("mm_vision_select_layer", -2, int)
         _check_act(hf, "hidden_act", "silu", "the LLM")
         if hf.get("mm_vision_select_feature", "patch") != "patch":
             raise CheckpointError("only mm_vision_select_feature 'patch' (drop CLS) is supported")
         hub = hf.get("mm_vision_tower")
         if vision_tower is None and isinstance(hub, str) and (Path(hub) / "config.json").is_file():
             vision_tower = Path(hub)  # original configs may name a local CLIP directory
-        sparse = _sparse_config(hf.get("sparse_config"))
-        vision, pre_path = None, None
+        sc = hf.get("sparse_config")
+        if sc is not None and not isinstance(sc, dict):
+            raise CheckpointError(f"{cfg_file}: sparse_config must be a JSON object, got {json.dumps(sc)[:60]}")
+        sparse = _sparse_config(sc, cfg_file)
+        vision, pre_dir = None, None
         image_token = -200
 
     if vision_tower is not None:
         vt = Path(vision_tower)
         if not (vt / "config.json").exists():
             raise CheckpointError(f"--vision-tower {vt}: no config.json (a CLIP vision directory is expected)")
-        vcfg = json.loads((vt / "config.json").read_text())
-        _check_act(vcfg.get("vision_config", vcfg), "hidden_act", "quick_gelu", "the vision tower")
-        vision = _vision_config(vcfg.get("vision_config", vcfg), sel)
-        pre_path = vt / "preprocessor_config.json"
+        vcfg = _read_json_object(vt / "config.json", "the config")
+        vsec = vcfg.get("vision_config", vcfg)
+        _check_act(vsec if isinstance(vsec, dict) else {}, "hidden_act", "quick_gelu", "the vision tower")
+        vision = _vision_config(_Fields(vsec, vt / "config.json", "vision_config" if vsec is not vcfg else ""), sel)
+        pre_dir = vt
         tensors = {k: v for k, v in tensors.items() if not k.startswith(VISION_PREFIX)}
         for k, (shape, f) in tensor_names(weight_files(vt)).items():
             key = k if k.startswith("vision_model.") else None
@@ -298,7 +401,7 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
         hub = hf.get("mm_vision_tower", "?")
         vp = VISION_PREFIX + "vision_model."
         shapes = {k[len(vp):]: s for k, (s, _, _) in tensors.items() if k.startswith(vp)}
-        known = KNOWN_TOWERS.get(hub)
+        known = KNOWN_TOWERS.get(hub) if isinstance(hub, str) else None
         if not shapes:
             raise CheckpointError(
                 f"the checkpoint holds no vision tower weights and names {hub!r}, which cannot be "
@@ -311,18 +414,29 @@ def read_source(src: Path, vision_tower: Optional[Path] = None) -> Source:
                 f"the vision tower inside the checkpoint does not have the shapes of {hub!r}, so its "
                 "attention heads are unknown: pass --vision-tower DIR (its CLIP config and preprocessor)")
         vision = dataclasses.replace(known, select_layer=sel)
-        pre_path = None
 
-    preprocessor = json.loads(pre_path.read_text()) if pre_path and pre_path.exists() else None
+    preprocessor = read_preprocessor(pre_dir) if pre_dir is not None else None
     if preprocessor is None:
         if vision.image_size != 336:
-            raise CheckpointError("no preprocessor_config.json found for the vision tower; pass --vision-tower DIR")
+            where = (f"--vision-tower {pre_dir}" if vision_tower is not None else str(src))
+            fix = ("add it there" if vision_tower is not None or layout == "llava-hf"
+                   else "pass --vision-tower DIR")
+            raise CheckpointError(
+                f"{where} has no preprocessor_config.json or processor_config.json, and the "
+                f"{vision.image_size} px vision tower is not CLIP-336 (whose settings are known): {fix}")
         preprocessor = dict(CLIP_336_PREPROCESSOR)
 
+    def token(key, default):  # top level first (original layout), then text_config (llava-hf)
+        if hf.get(key) is not None:
+            return top.token_id(key, default)
+        return text.token_id(key, default) or default
     cfg = ModelConfig(vision=vision, llm=llm, sparse=sparse, image_token_index=image_token,
-                      bos_token_id=hf.get("bos_token_id", (hf.get("text_config") or {}).get("bos_token_id", 1)) or 1,
-                      eos_token_id=hf.get("eos_token_id", (hf.get("text_config") or {}).get("eos_token_id", 2)) or 2,
-                      pad_token_id=hf.get("pad_token_id", 0) or 0)
+                      bos_token_id=token("bos_token_id", 1) or 1, eos_token_id=token("eos_token_id", 2) or 2,
+                      pad_token_id=_pad_id(top))
+    try:
+        cfg.validate()
+    except ConfigError as e:  # relations between fields, in our names (e.g. sparse.sparse_layer)
+        raise CheckpointError(f"{cfg_file}: {e}") from e
     ignored = [k for k in tensors if any(re.fullmatch(p, k) for p in IGNORED)]
     unused = {k: tensors[k] for k in KEPT_UNUSED if k in tensors}
     for k in ignored:
@@ -390,9 +504,37 @@ def _assign(dest: np.ndarray, arr: np.ndarray, fn) -> None:
         np.copyto(dest, fn(arr), casting="unsafe")
 
 
+def check_tokenizer(d: Path) -> Optional[str]:
+    """A note where `d` has no tokenizer; CheckpointError where its tokenizer is unusable."""
+    from .tokenizer import LlavaTokenizer, has_tokenizer
+    if not has_tokenizer(d):
+        return (f"{d} has no tokenizer.model or tokenizer.json: infer.py needs one in the converted "
+                "directory (copy the checkpoint's tokenizer files there)")
+    try:
+        LlavaTokenizer(d)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"the checkpoint's tokenizer cannot be used: {e}") from e
+    return None
+
+
+def _check_dtype(name: str, arr: np.ndarray) -> None:
+    if arr.dtype.kind in "biu":
+        raise CheckpointError(f"tensor {name} is stored as {arr.dtype}, not floating point: "
+                              "it cannot be a weight (refusing to cast it)")
+
+
+def _check_finite(name: str, dest: np.ndarray, allow_nonfinite: bool) -> None:
+    """NaN / Inf weights would make every answer token 0; checked after the cast (a float32
+    value beyond bfloat16's range becomes Inf there)."""
+    if not allow_nonfinite and not np.isfinite(dest).all():
+        bad = int(dest.size - np.count_nonzero(np.isfinite(dest)))
+        raise CheckpointError(f"tensor {name} has {bad} NaN/Inf value(s) (after the cast to {dest.dtype}); "
+                              "pass --allow-nonfinite to convert it anyway")
+
+
 def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path] = None,
             dtype: str = "float32", force: bool = False, progress: bool = True,
-            info: Optional[dict] = None) -> ModelConfig:
+            info: Optional[dict] = None, allow_nonfinite: bool = False) -> ModelConfig:
     """Convert a PyTorch checkpoint directory into a converted directory at `dst`.
 
     Peak memory is the converted params (preallocated in the target dtype) plus one source
@@ -402,14 +544,16 @@ def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path]
     """
     import ml_dtypes
     from tqdm import tqdm
-    from .checkpoint import CheckpointDirError, save_converted
+    from . import checksums
+    from .checkpoint import check_disjoint, check_dst, save_converted
 
     if dtype not in ("float32", "bfloat16"):
         raise CheckpointError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
+    check_disjoint(dst, {"--src": src, "--vision-tower": vision_tower})
+    check_dst(dst.absolute(), force)
     source = read_source(Path(src), Path(vision_tower) if vision_tower else None)
+    tokenizer_note = check_tokenizer(source.tokenizer_dir)
     cfg = source.config.replace(dtype="bfloat16" if dtype == "bfloat16" else "float32",
                                 param_dtype=dtype)
     nmap = name_map(cfg)
@@ -427,28 +571,37 @@ def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path]
         by_file.setdefault(f, []).append(canon)
     orig_to_canon = {(f, orig): canon for canon, (_, f, orig) in source.tensors.items()}
     bar = tqdm(total=len(source.tensors), desc="converting", unit="tensor", disable=not progress)
-    for f in sorted(by_file):
-        wanted = {source.tensors[canon][2] for canon in by_file[f]}
-        for name, arr in iter_tensors(f, native=True, names=wanted):
-            canon = orig_to_canon.get((f, name))
-            if canon is None:
-                continue
-            t = nmap[canon]
-            leaf = params
-            for p in t.path[:-1]:
-                leaf = leaf[p]
-            dest = leaf[t.path[-1]] if t.layer is None else leaf[t.path[-1]][t.layer]
-            _assign(dest, arr, t.fn)
-            del arr
-            filled.add(canon)
-            bar.update(1)
-    bar.close()
+    try:  # the bar's line ends before any error is printed
+        sums = {}  # a directory's tensor_checksums.json (our export writes one), verified as read
+        for f in sorted(by_file):
+            if f.parent not in sums:
+                sums[f.parent] = checksums.export_sums(f.parent)
+            wanted = {source.tensors[canon][2] for canon in by_file[f]}
+            for name, arr in iter_tensors(f, native=True, names=wanted):
+                canon = orig_to_canon.get((f, name))
+                if canon is None:
+                    continue
+                checksums.verify_tensor(sums[f.parent], f, name, arr)
+                t = nmap[canon]
+                leaf = params
+                for p in t.path[:-1]:
+                    leaf = leaf[p]
+                dest = leaf[t.path[-1]] if t.layer is None else leaf[t.path[-1]][t.layer]
+                _check_dtype(name, arr)
+                _assign(dest, arr, t.fn)
+                _check_finite(name, dest, allow_nonfinite)
+                del arr
+                filled.add(canon)
+                bar.update(1)
+    finally:
+        bar.close()
     if cfg.llm.tie_word_embeddings and "lm_head.weight" not in filled:
         params["llm"]["lm_head"]["kernel"] = params["llm"]["embed_tokens"]["embedding"].T.copy()
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     unused = {}
     for canon, (_, f, orig) in (source.unused or {}).items():
         for _, arr in iter_tensors(f, native=True, names={orig}):
+            _check_dtype(orig, arr)
             unused[canon] = arr.astype(np_dtype)
     out = save_converted(dst, params, cfg, source.preprocessor, source.tokenizer_dir, force=force,
                          source_config=source.raw_config, unused=unused)
@@ -457,5 +610,8 @@ def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path]
             layout=source.layout, params=n_params, dtype=dtype, dst=str(out),
             predictors=[k for k in ("image_predictor", "text_predictor") if k in params],
             ignored=list(source.ignored), files=len(by_file),
-            vision_tower=source.vision_source)
+            vision_tower=source.vision_source,
+            tokenizer=tokenizer_note or ("tokenizer.model" if (source.tokenizer_dir / "tokenizer.model").is_file()
+                                         else "tokenizer.json (LLaVA's rules on its sentencepiece model)"),
+            warnings=[tokenizer_note] if tokenizer_note else [])
     return cfg

@@ -26,16 +26,15 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from .checkpoint import (SOURCE_CONFIG, TOKENIZER_FILES, UNUSED_TENSORS, CheckpointDirError, replace_dir,
-                         load_config)
+from . import checksums
+from .checkpoint import (SOURCE_CONFIG, TOKENIZER_FILES, UNUSED_TENSORS, CheckpointDirError, check_disjoint,
+                         check_dst, load_config, make_tmp_dir, replace_dir)
 from .checkpoint_io import CheckpointError, SafetensorsWriter, iter_tensors, tensor_names
 from .config import ModelConfig
 from .convert import (INVERSE, KEPT_UNUSED, KNOWN_TOWERS, VISION_PREFIX, _vision_config,
@@ -337,6 +336,7 @@ class _ShardedWriter:
             f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.dir, self._i, self._left, self._w = directory, -1, 0, None
         self.weight_map = {name: f for f, g in zip(self.files, self.groups) for name, _, _ in g}
+        self.subdir = directory.name if directory.name == TOWER_DIR else ""
         self.total_size = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in plan)
 
     def write(self, name: str, *parts: np.ndarray) -> None:
@@ -348,6 +348,10 @@ class _ShardedWriter:
         self._left -= 1
         if self._left == 0:
             self._w.close()
+
+    def file_of(self, name: str) -> tuple[str, str]:
+        """(folder relative to the export, weight file) holding tensor `name`."""
+        return self.subdir, self.weight_map[name]
 
     def write_index(self, metadata: dict) -> None:
         if len(self.files) > 1:
@@ -384,8 +388,8 @@ def export(src: str | Path, dst: str | Path, fmt: str, dtype: Optional[str] = No
         hint = (" (it looks like a PyTorch checkpoint: convert it first, or export from the "
                 "converted directory)" if (src / "config.json").is_file() else "")
         raise CheckpointDirError(f"{src} is not a converted checkpoint: no model_config.json{hint}")
-    if dst.exists() and not force:
-        raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
+    check_disjoint(dst, {"--src": src})
+    check_dst(dst, force)
     try:
         cfg = load_config(src)
     except (ValueError, TypeError) as e:
@@ -476,10 +480,7 @@ def export(src: str | Path, dst: str | Path, fmt: str, dtype: Optional[str] = No
         raise CheckpointDirError(f"{src} has no preprocessor_config.json")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    tmp = make_tmp_dir(dst)
     try:
         # -- configs, tokenizer, processor -----------------------------------------
         if hf:
@@ -497,6 +498,12 @@ def export(src: str | Path, dst: str | Path, fmt: str, dtype: Optional[str] = No
             for f in TOKENIZER_FILES:
                 if (src / f).is_file():
                     shutil.copyfile(src / f, tmp / f)
+            if not (src / "tokenizer.model").is_file() and (src / "tokenizer.json").is_file():
+                # the official code's slow LlamaTokenizer reads only tokenizer.model
+                from .tokenizer_json import read_tokenizer_json, sentencepiece_proto
+                data = read_tokenizer_json(src / "tokenizer.json")
+                (tmp / "tokenizer.model").write_bytes(sentencepiece_proto(data, src / "tokenizer.json"))
+                notes.append("tokenizer.model rebuilt from tokenizer.json (the official code reads only it)")
             if not (tmp / "generation_config.json").exists():
                 gen = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
                        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
@@ -515,9 +522,13 @@ def export(src: str | Path, dst: str | Path, fmt: str, dtype: Optional[str] = No
             writers["tower"] = _ShardedWriter(tmp / TOWER_DIR, plans["tower"], 1 << 62)
         read = _LeafReader((src / "params").absolute())
         unused = dict(iter_tensors(unused_path, native=True)) if unused_names else {}
+        want_sums = checksums.expected(src)  # the source's, verified as each leaf is read
+        sums: dict[str, dict[str, int]] = {}  # the output's, for the converter to verify
         bar = tqdm(total=len(tensors), desc="exporting", unit="tensor", disable=not progress)
         for leaf, items in by_leaf.items():
             arr = read(leaf) if leaf is not None else None
+            if arr is not None:
+                checksums.check_leaf(src, want_sums, "/".join(leaf), arr)
             for t in items:
                 if leaf is None:
                     w = unused.get(t.canonical)
@@ -529,14 +540,21 @@ def export(src: str | Path, dst: str | Path, fmt: str, dtype: Optional[str] = No
                 if t.pad_rows:  # llava-hf's added tokens: the mean row, never the argmax
                     mean = w.mean(axis=0, dtype=np.float64)
                     parts.append(np.broadcast_to(mean.astype(out_dt), (t.pad_rows, *w.shape[1:])))
+                crc = 0
+                for p in parts:
+                    crc = checksums.crc32_update(p, crc)
                 for key, name in t.outputs:
                     writers[key].write(name, *parts)
+                    out_dir, file = writers[key].file_of(name)
+                    sums.setdefault(out_dir, {}).setdefault(file, {})[name] = crc
                 del w, parts
                 bar.update(1)
             del arr
         bar.close()
         n_params = sum(int(np.prod(s, dtype=np.int64)) for _, _, s in plans["main"])
         writers["main"].write_index({"total_parameters": n_params} if hf else {})
+        for out_dir, files in sums.items():
+            checksums.write_export(tmp / out_dir, files)
 
         replace_dir(tmp, dst)
     except BaseException:

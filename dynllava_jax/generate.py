@@ -47,6 +47,7 @@ class GenOptions:
     text_kv_budget: float = 1.0
     greedy: bool = True
     no_cache_bucket: int = 32  # generated-length bucket of the no-cache loop
+    vocab_limit: int = 0  # ids >= this are never generated (a padded embedding's rows); 0: none
 
     def prune_vision(self, cfg: ModelConfig) -> bool:
         return self.mode == "dynamic" and cfg.sparse.enabled and cfg.sparse.use_vision_predictor
@@ -198,7 +199,8 @@ def decode_loop(params, first_logits, state: DecodeState, keys, temperature, top
     params = inference_params(params)  # outside the loop: a no-op for unstacked params
     b = first_logits.shape[0]
     n = opts.max_new_tokens
-    tok = sample(first_logits, step_keys(keys, 0), opts.greedy, temperature, top_p)
+    tok = sample(first_logits, step_keys(keys, 0), opts.greedy, temperature, top_p,
+                 vocab=opts.vocab_limit)
     out = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok)
     done = tok == cfg.eos_token_id
     first_gen = state.sparse_len
@@ -210,7 +212,8 @@ def decode_loop(params, first_logits, state: DecodeState, keys, temperature, top
     def body(c):
         i, tok, out, done, state = c
         logits, state = decode_step(params, tok, state, ~done, cfg=cfg, opts=opts)
-        nxt = sample(logits, step_keys(keys, i), opts.greedy, temperature, top_p)
+        nxt = sample(logits, step_keys(keys, i), opts.greedy, temperature, top_p,
+                 vocab=opts.vocab_limit)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
         done = done | (nxt == cfg.eos_token_id)
@@ -259,7 +262,8 @@ def no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, st
         kept = cvalid.sum(-1).astype(jnp.int32)
         xc, _ = run_stack(post, cfg.llm, dt, xc, gather_tokens(pos, idx), kept)
         logits = lm_logits(params, cfg, _last(xc, kept))
-        nxt = sample(logits, step_keys(keys, i), opts.greedy, temperature, top_p)
+        nxt = sample(logits, step_keys(keys, i), opts.greedy, temperature, top_p,
+                 vocab=opts.vocab_limit)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
         seq = seq.at[jnp.arange(b), jnp.minimum(cur, seq.shape[1] - 1)].set(nxt)

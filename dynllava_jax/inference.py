@@ -55,6 +55,8 @@ class Llava:
         keys_from: a number per request (default 0, 1, ...) that, with `seed`, fixes its sampling
         key, so a sampled answer does not depend on the batch it is in."""
         ids = [self.prompt_ids(r) for r in requests]
+        if not opts.vocab_limit:  # never generate a padded embedding row the tokenizer cannot decode
+            opts = dataclasses.replace(opts, vocab_limit=len(self.tokenizer))
         n_img = self.cfg.num_image_tokens
         limit = self.max_prompt_tokens(opts.max_new_tokens)
         for r, p in zip(requests, ids):

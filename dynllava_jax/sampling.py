@@ -16,8 +16,19 @@ def row_keys(rng, ids_B):
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(ids_B, jnp.uint32))
 
 
-def sample(logits_BV, keys_B, greedy: bool, temperature, top_p):
-    """Next tokens [B]; keys_B holds one PRNG key per sequence (unused when greedy)."""
+def mask_vocab(logits_BV, vocab: int):
+    """-inf for ids >= vocab: llava-hf pads its embedding (32064 rows for 32002 tokens) and
+    the padded rows are no token the tokenizer can decode."""
+    if not vocab or vocab >= logits_BV.shape[-1]:
+        return logits_BV
+    ids = jnp.arange(logits_BV.shape[-1])
+    return jnp.where(ids < vocab, logits_BV, jnp.asarray(-jnp.inf, logits_BV.dtype))
+
+
+def sample(logits_BV, keys_B, greedy: bool, temperature, top_p, vocab: int = 0):
+    """Next tokens [B]; keys_B holds one PRNG key per sequence (unused when greedy); ids >=
+    `vocab` (when given) are never picked."""
+    logits_BV = mask_vocab(logits_BV, vocab)
     if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits = logits_BV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)

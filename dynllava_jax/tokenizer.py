@@ -13,6 +13,9 @@ behaviour directly on top of sentencepiece:
   ``<unk>`` string that is then cut off, so its leading space survives
   sentencepiece's whitespace handling. A piece right after a special token
   therefore gets no ``▁``.
+
+The sentencepiece model is ``tokenizer.model`` where present, else the one rebuilt from a
+LLaMA ``tokenizer.json`` (``tokenizer_json.py``: what transformers 5 saves).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .tokenizer_json import TokenizerFileError, read_tokenizer_json, sentencepiece_proto, top_level_fields
+
 IMAGE_TOKEN_INDEX = -200
 IMAGE_TOKEN = "<image>"
 
@@ -31,6 +36,7 @@ _SPIECE_UNDERLINE = "\u2581"
 _MODEL_FILE = "tokenizer.model"
 _CONFIG_FILE = "tokenizer_config.json"
 _SPECIAL_MAP_FILE = "special_tokens_map.json"
+_JSON_FILE = "tokenizer.json"
 
 
 def _content(token) -> str | None:
@@ -40,19 +46,49 @@ def _content(token) -> str | None:
     return token
 
 
-def _load_without_dummy_prefix(model_file: Path) -> spm.SentencePieceProcessor:
-    """Load the model with ``add_dummy_prefix`` off, as 4.37 does for legacy=False.
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TokenizerFileError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise TokenizerFileError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
 
-    Protobuf merges repeated occurrences of a message field, so appending a
-    second ``normalizer_spec`` (field 3) holding only ``add_dummy_prefix``
-    (field 3, false) overrides the flag. Editing the wire bytes avoids the
-    protobuf package and its descriptor-pool clashes with transformers' copy
-    of ``sentencepiece_model.proto``.
-    """
-    override = bytes([(3 << 3) | 2, 2, (3 << 3) | 0, 0])
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tokenizer file this module reads (not whether it is valid)."""
+    d = Path(directory)
+    return (d / _MODEL_FILE).is_file() or (d / _JSON_FILE).is_file()
+
+
+def _processor(proto: bytes, legacy: bool, source: Path) -> spm.SentencePieceProcessor:
+    """The sentencepiece model of ``proto``; with ``add_dummy_prefix`` off unless ``legacy``."""
+    # Pieces come first in the file: one cut at a piece boundary still parses, with fewer
+    # pieces and no trainer / normaliser specs, and would tokenise differently.
+    if not {1, 2, 3} <= top_level_fields(proto):
+        raise TokenizerFileError(f"{source} is not a valid sentencepiece model (truncated?): "
+                                 "pieces, trainer or normalizer spec missing")
+    if not legacy:
+        proto = proto + _NO_DUMMY_PREFIX
     sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(model_file.read_bytes() + override)
+    try:
+        sp.LoadFromSerializedProto(proto)
+    except RuntimeError as e:  # sentencepiece reports a truncated / garbled model this way
+        raise TokenizerFileError(f"{source} is not a valid sentencepiece model (truncated?): "
+                                 f"{str(e).strip() or 'parse error'}") from e
+    if sp.get_piece_size() == 0:
+        raise TokenizerFileError(f"{source} is not a valid sentencepiece model: no pieces")
     return sp
+
+
+# Protobuf merges repeated occurrences of a message field, so appending a second
+# ``normalizer_spec`` (field 3) holding only ``add_dummy_prefix`` (field 3, false) overrides
+# the flag, as 4.37 does for legacy=False. Editing the wire bytes avoids the protobuf
+# package and its descriptor-pool clashes with transformers' copy of the proto.
+_NO_DUMMY_PREFIX = bytes([(3 << 3) | 2, 2, (3 << 3) | 0, 0])
 
 
 class LlavaTokenizer:
@@ -60,15 +96,11 @@ class LlavaTokenizer:
 
     def __init__(self, directory: str | Path):
         self._dir = Path(directory)
-        model_file = self._dir / _MODEL_FILE
-        if not model_file.is_file():
-            raise FileNotFoundError(f"no {_MODEL_FILE} in {self._dir}")
-        cfg = {}
-        if (self._dir / _CONFIG_FILE).is_file():
-            cfg = json.loads((self._dir / _CONFIG_FILE).read_text())
-        special_map = {}
-        if (self._dir / _SPECIAL_MAP_FILE).is_file():
-            special_map = json.loads((self._dir / _SPECIAL_MAP_FILE).read_text())
+        model_file, json_file = self._dir / _MODEL_FILE, self._dir / _JSON_FILE
+        if not (model_file.is_file() or json_file.is_file()):
+            raise FileNotFoundError(f"no {_MODEL_FILE} or {_JSON_FILE} in {self._dir}")
+        cfg = _read_config(self._dir / _CONFIG_FILE)
+        special_map = _read_config(self._dir / _SPECIAL_MAP_FILE)
 
         # 4.37 treats a missing flag as legacy=True (with a warning).
         legacy = cfg.get("legacy")
@@ -77,10 +109,18 @@ class LlavaTokenizer:
         self.add_eos: bool = bool(cfg.get("add_eos_token", False))
         self.clean_up_spaces: bool = bool(cfg.get("clean_up_tokenization_spaces", False))
 
-        if self.legacy:
-            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        json_added: dict = {}
+        data = None
+        if json_file.is_file() and (not model_file.is_file() or not cfg.get("added_tokens_decoder")):
+            data = read_tokenizer_json(json_file)
+            json_added = {str(a["id"]): a for a in data.get("added_tokens") or []
+                          if isinstance(a, dict) and isinstance(a.get("id"), int)
+                          and isinstance(a.get("content"), str)}
+        if model_file.is_file():
+            proto, source = model_file.read_bytes(), model_file
         else:
-            self.sp = _load_without_dummy_prefix(model_file)
+            proto, source = sentencepiece_proto(data, json_file), json_file
+        self.sp = _processor(proto, self.legacy, source)
 
         def tok(name: str, default: str | None) -> str | None:
             value = _content(cfg.get(name))
@@ -96,10 +136,13 @@ class LlavaTokenizer:
         # Added tokens: content -> (id, lstrip, rstrip). 4.37 splits on all of
         # them, and always adds the named special tokens too.
         self._added: dict[str, tuple[int, bool, bool]] = {}
-        for idx, entry in (cfg.get("added_tokens_decoder") or {}).items():
+        # transformers 5 keeps them in tokenizer.json only.
+        for idx, entry in (cfg.get("added_tokens_decoder") or json_added).items():
             self._added[entry["content"]] = (
                 int(idx), bool(entry.get("lstrip")), bool(entry.get("rstrip")))
-        extra = [_content(t) for t in cfg.get("additional_special_tokens") or []]
+        extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
+        extra = [_content(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
+        extra = [t for t in extra if isinstance(t, str)]
         for t in [self.bos_token, self.eos_token, self.unk_token, self.pad_token, *extra]:
             if t is not None and t not in self._added:
                 self._added[t] = (self.sp.piece_to_id(t), False, False)
@@ -114,14 +157,14 @@ class LlavaTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "LlavaTokenizer":
-        """Read ``tokenizer.model`` (+ ``tokenizer_config.json`` if present) from ``path``."""
+        """Read ``tokenizer.model`` or ``tokenizer.json`` (+ ``tokenizer_config.json``) from ``path``."""
         return cls(path)
 
     def save(self, dst_dir: str | Path) -> None:
         """Copy the tokenizer files into ``dst_dir`` so ``from_dir`` reloads the same tokenizer."""
         dst = Path(dst_dir)
         dst.mkdir(parents=True, exist_ok=True)
-        for name in (_MODEL_FILE, _CONFIG_FILE, _SPECIAL_MAP_FILE):
+        for name in (_MODEL_FILE, _JSON_FILE, _CONFIG_FILE, _SPECIAL_MAP_FILE):
             src = self._dir / name
             if src.is_file() and src.resolve() != (dst / name).resolve():
                 shutil.copyfile(src, dst / name)
@@ -151,6 +194,11 @@ class LlavaTokenizer:
     def vocab_size(self) -> int:
         """Number of sentencepiece pieces (4.37's ``vocab_size``; added tokens beyond it excluded)."""
         return self.sp.get_piece_size()
+
+    def __len__(self) -> int:
+        """Ids ``0 .. len - 1`` decode: the pieces and the added tokens (llava-hf's ``<image>``,
+        ``<pad>``). A padded embedding has more rows; generation never picks those."""
+        return max([self.sp.get_piece_size(), *(i + 1 for i, _, _ in self._added.values())])
 
     # ------------------------------------------------------------- encoding
     def _split_added(self, text: str) -> list[tuple[str, bool]]:
@@ -225,8 +273,9 @@ class LlavaTokenizer:
                         texts.append(text)
                     pieces = []
                 texts.append(added)
-            else:
+            elif i < self.sp.get_piece_size():
                 pieces.append(self.sp.id_to_piece(i))
+            # else: an id past the vocabulary (a padded embedding row) has no text
         if pieces:
             texts.append(self._pieces_to_text(pieces))
         # 4.37's _decode joins with spaces (its spaces_between_special_tokens
