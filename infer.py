@@ -3,6 +3,7 @@
 
 One question:   python infer.py --image IMG --prompt "What is in the image?" [--json]
 LLaVA eval:     python infer.py --questions Q.jsonl --image-folder DIR --answers-file A.jsonl
+                [--num-chunks N --chunk-idx K]   (resumable; bad questions skipped and named)
 Without --checkpoint it runs the bundled tiny *random* checkpoint (assets/tiny-dynamic-llava):
 its answers are gibberish by design; it exists to exercise the code.
 """
@@ -152,6 +153,9 @@ def answer_file(a, model, opts) -> int:
               top_p=a.top_p, seed=a.seed, on_answer=on_answer)
     import jax
     try:
+        if jax.process_count() > 1 and a.num_chunks > 1:
+            fail("--num-chunks splits a file between jobs; this multi-process job already shares "
+                 "it between its processes")
         if jax.process_count() > 1:  # one job over many hosts: each answers its share, one merges
             from jax.experimental import multihost_utils
             summary = answering.answer_together(

@@ -299,21 +299,23 @@ def _answered_ids(path: Path) -> set:
     return {_qid_key(r["question_id"]) for r in records}
 
 
-def answer_questions(model, questions: str | Path, answers: str | Path, opts, *,
-                     image_folder: str | Path | None = None, batch_size: int = 8,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     share: tuple[int, int] = (0, 1), peers: Sequence[str | Path] | None = None,
-                     console: Console | None = None,
-                     on_answer: Callable[[Question, dict], None] | None = None) -> Summary:
-    """Answer share ``share = (k, n)`` of the questions file into ``answers`` (see the module
-    docstring); ``model`` is an ``inference.Llava``, ``opts`` its ``GenOptions``.
+@dataclasses.dataclass
+class Plan:
+    """What a share will do, decided from the files as they are before any answer is written."""
 
-    ``peers``: the answers files of all n shares (``answers`` among them) in a run whose
-    processes must run in lockstep: every share then runs the same number of batches, batch
-    i of every share padded to the same prompt length. ``on_answer(question, answer)`` is
-    called as each answer is written. ``AnsweringError``: nothing could be answered."""
+    entries: list        # the share's questions and bad lines, in file order
+    items: list          # [_Item] to answer
+    problems: list       # [Problem] found before answering
+    resumed: int         # questions already in the answers file
+    batches: list        # [[_Item | None]] in the order they run (None: a lockstep padding slot)
+    pad_to: list         # per batch: the padded prompt length (None: its own bucket)
+
+
+def plan_share(model, questions: str | Path, answers: str | Path, opts, *,
+               image_folder: str | Path | None = None, batch_size: int = 8,
+               share: tuple[int, int] = (0, 1), peers: Sequence[str | Path] | None = None) -> Plan:
+    """The batches share ``share = (k, n)`` will run (see ``answer_questions``)."""
     questions, answers = Path(questions), Path(answers)
-    console = console or Console()
     k, n = share
     entries = read_questions(questions)
     mine = get_chunk(entries, n, k)
@@ -323,14 +325,40 @@ def answer_questions(model, questions: str | Path, answers: str | Path, opts, *,
             raise AnsweringError(f"{questions}:{with_image.line}: image questions need --image-folder")
     answered = _answered_ids(answers)
     items, problems = _todo(model, mine, answered, opts.max_new_tokens, image_folder)
-    summary = Summary(questions=len(mine), skipped=list(problems))
-    summary.resumed = sum(1 for e in mine if isinstance(e, Question) and _qid_key(e.qid) in answered)
+    resumed = sum(1 for e in mine if isinstance(e, Question) and _qid_key(e.qid) in answered)
     batches = _batches(items, batch_size)
     pad_to: list[Optional[int]] = [None] * len(batches)
     if peers is not None:
-        batches, pad_to = _lockstep(model, entries, peers, k, n, batches, opts, image_folder,
-                                    batch_size)
-    for p in problems:
+        batches, pad_to = _lockstep(model, entries, peers, k, n, opts, image_folder, batch_size)
+    return Plan(list(mine), items, problems, resumed, batches, pad_to)
+
+
+def answer_questions(model, questions: str | Path, answers: str | Path, opts, *,
+                     image_folder: str | Path | None = None, batch_size: int = 8,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     share: tuple[int, int] = (0, 1), peers: Sequence[str | Path] | None = None,
+                     console: Console | None = None,
+                     on_answer: Callable[[Question, dict], None] | None = None,
+                     plan: Plan | None = None, barrier: Callable[[], None] | None = None) -> Summary:
+    """Answer share ``share = (k, n)`` of the questions file into ``answers`` (see the module
+    docstring); ``model`` is an ``inference.Llava``, ``opts`` its ``GenOptions``.
+
+    ``peers``: the answers files of all n shares (``answers`` among them) in a run whose
+    processes must run in lockstep: every share then runs the same number of batches, batch
+    i of every share padded to the same prompt length. The plan reads every peer's file, so
+    ``barrier()`` (when given) is called after planning and before the first write; ``plan``
+    gives one made by ``plan_share`` instead. ``on_answer(question, answer)`` is called as
+    each answer is written. ``AnsweringError``: nothing could be answered."""
+    questions, answers = Path(questions), Path(answers)
+    console = console or Console()
+    if plan is None:
+        plan = plan_share(model, questions, answers, opts, image_folder=image_folder,
+                          batch_size=batch_size, share=share, peers=peers)
+    if barrier is not None:
+        barrier()
+    mine, items, batches, pad_to = plan.entries, plan.items, plan.batches, plan.pad_to
+    summary = Summary(questions=len(mine), skipped=list(plan.problems), resumed=plan.resumed)
+    for p in plan.problems:
         console.say(f"error: {questions}:{p.line}: {p.message}")
     if summary.resumed:
         console.say(f"resuming: {summary.resumed} of the {len(mine)} questions are already "
@@ -356,10 +384,10 @@ def answer_questions(model, questions: str | Path, answers: str | Path, opts, *,
                         console.say(f"error: {questions}:{q.line}: {problem}")
                         continue
                     f.write(json.dumps(_record(q, run.answers[q.line], model)) + "\n")
+                    f.flush()
                     summary.answered += 1
                     if on_answer is not None:
                         on_answer(q, run.answers[q.line])
-                f.flush()
                 os.fsync(f.fileno())
                 summary.batches += 1
                 console.update(sum(1 for it in batches[i] if it is not None))
@@ -436,7 +464,7 @@ class _Runner:
             self.answers[q.line] = ans
 
 
-def _lockstep(model, entries, peers, k, n, mine, opts, image_folder, batch_size):
+def _lockstep(model, entries, peers, k, n, opts, image_folder, batch_size):
     """Every share's batches (from every share's answers file), padded to the same count;
     returns (this share's batches, the prompt length of each step)."""
     if len(peers) != n:
@@ -458,12 +486,14 @@ def _lockstep(model, entries, peers, k, n, mine, opts, image_folder, batch_size)
 def answer_together(model, questions: str | Path, answers: str | Path, opts, *,
                     process: tuple[int, int], barrier: Callable[[], None], **kw) -> Summary:
     """A multi-process job answers one file: process k of n answers its share into
-    ``part_path(answers, k, n)`` in lockstep with the others; after ``barrier()`` (e.g.
-    ``jax.experimental.multihost_utils.sync_global_devices``) process 0 merges the parts into
+    ``part_path(answers, k, n)`` in lockstep with the others; ``barrier()`` (e.g.
+    ``jax.experimental.multihost_utils.sync_global_devices``) is called once every process
+    has planned and once all have answered, and then process 0 merges the parts into
     ``answers`` in question order."""
     k, n = process
     parts = [part_path(answers, j, n) for j in range(n)]
-    summary = answer_questions(model, questions, parts[k], opts, share=process, peers=parts, **kw)
+    summary = answer_questions(model, questions, parts[k], opts, share=process, peers=parts,
+                               barrier=barrier, **kw)
     barrier()
     if k == 0:
         merge_answers(parts, answers, questions)
