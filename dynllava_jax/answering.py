@@ -383,11 +383,12 @@ def answer_questions(model, questions: str | Path, answers: str | Path, opts, *,
                         summary.skipped.append(Problem(q.line, problem))
                         console.say(f"error: {questions}:{q.line}: {problem}")
                         continue
-                    f.write(json.dumps(_record(q, run.answers[q.line], model)) + "\n")
+                    ans = run.answers.pop(q.line)
+                    f.write(json.dumps(_record(q, ans, model)) + "\n")
                     f.flush()
                     summary.answered += 1
                     if on_answer is not None:
-                        on_answer(q, run.answers[q.line])
+                        on_answer(q, ans)
                 os.fsync(f.fileno())
                 summary.batches += 1
                 console.update(sum(1 for it in batches[i] if it is not None))
@@ -436,10 +437,11 @@ class _Runner:
         try:
             self._run(good, pad_to)
             return result + [(q, None) for q, _ in good]
-        except (InputError, ValueError, OSError):
+        except (InputError, ValueError, OSError) as e:
             if len(good) <= 1:
-                raise
-        # Something in the batch broke it: answer one by one, skipping the ones that fail.
+                return result + [(q, str(e)) for q, _ in good]
+        # Something in the batch broke it: answer one by one, skipping the ones that fail
+        # (pre-checked questions do not get here; a lockstep run would then lose step).
         for q, px in good:
             try:
                 self._run([(q, px)], pad_to)

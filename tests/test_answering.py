@@ -133,6 +133,7 @@ def test_bad_lines_are_skipped_named_and_counted(model, folder, tmp_path, capsys
     for line in bad:
         assert sum(e.startswith(f"error: {q}:{line}: ") for e in err) == 1, (line, err)
     assert ids(tmp_path / "a.jsonl") == [1, 9, 10]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "q.jsonl"]  # no .tmp left
     # A literal "<image>" is text: no fake image, and an image question keeps one marker.
     assert got[9]["image_tokens_total"] == 0 and IMAGE_MARKER not in got[9]["prompt_token_ids"]
     assert got[10]["prompt_token_ids"].count(IMAGE_MARKER) == 1
