@@ -101,6 +101,8 @@ def _parse_question(raw: bytes, n: int) -> Question | Problem:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return Problem(n, f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+    if n == 1:
+        text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
