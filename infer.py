@@ -3,6 +3,7 @@
 
 One question:   python infer.py --image IMG --prompt "What is in the image?" [--json]
 LLaVA eval:     python infer.py --questions Q.jsonl --image-folder DIR --answers-file A.jsonl
+                [--num-chunks N --chunk-idx K]   (resumable; bad questions skipped and named)
 Without --checkpoint it runs the bundled tiny *random* checkpoint (assets/tiny-dynamic-llava):
 its answers are gibberish by design; it exists to exercise the code.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import uuid
 from pathlib import Path
 
 from dynllava_jax.runtime import default_compile_cache, enable_compile_cache, notice
@@ -25,7 +25,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="the question")
     p.add_argument("--questions", help="LLaVA eval questions .jsonl ({question_id, image, text})")
     p.add_argument("--image-folder", help="folder the questions' image paths are relative to")
-    p.add_argument("--answers-file", help="where to write answers .jsonl")
+    p.add_argument("--answers-file", help="where to write answers .jsonl (appended as answers come; "
+                                          "a rerun skips the question_ids already in it)")
+    p.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many shares "
+                                                            "(LLaVA's convention)")
+    p.add_argument("--chunk-idx", type=int, default=0, help="the share this run answers (0-based)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -68,8 +72,14 @@ def validate(a) -> str | None:
         return "--text-kv-budget must be in [0, 1]"
     if a.max_new_tokens < 1 or a.batch_size < 1:
         return "--max-new-tokens and --batch-size must be at least 1"
-    if a.temperature < 0 or not 0.0 < a.top_p <= 1.0:
-        return "--temperature must be >= 0 and --top-p in (0, 1]"
+    if not a.temperature >= 0 or a.temperature == float("inf") or not 0.0 < a.top_p <= 1.0:
+        return "--temperature must be a finite number >= 0 and --top-p in (0, 1]"
+    if not 0 <= a.seed < 2 ** 32:
+        return "--seed must be in [0, 2**32) (larger seeds would repeat smaller ones)"
+    if a.num_chunks < 1 or not 0 <= a.chunk_idx < a.num_chunks:
+        return "--chunk-idx must be in [0, --num-chunks)"
+    if (a.num_chunks > 1 or a.chunk_idx) and a.questions is None:
+        return "--num-chunks/--chunk-idx split a --questions file"
     return None
 
 
@@ -91,12 +101,14 @@ def main(argv=None) -> int:
     from dynllava_jax.checkpoint import CheckpointDirError
     from dynllava_jax.generate import GenOptions
     from dynllava_jax.image_processing import ImageLoadError
-    from dynllava_jax.inference import DEFAULT_CHECKPOINT, Llava, Request, batched
+    from dynllava_jax.inference import DEFAULT_CHECKPOINT, Llava, Request
     from dynllava_jax.inputs import InputError
 
     ckpt = Path(a.checkpoint) if a.checkpoint else DEFAULT_CHECKPOINT
     if not ckpt.is_dir():
         fail(f"checkpoint directory not found: {ckpt}")
+    if (msg := check_paths(a, ckpt)) is not None:
+        fail(msg)
     try:
         with notice(f"loading {ckpt}"):
             model = Llava(ckpt)
@@ -119,54 +131,53 @@ def main(argv=None) -> int:
                 (ans,) = run([Request(a.prompt, a.image)])
             print(json.dumps(ans) if a.json else ans["text"])
             return 0
-        return answer_file(a, model, run, batched, Request)
+        return answer_file(a, model, opts)
     except (ImageLoadError, InputError) as e:
         fail(str(e))
 
 
-def answer_file(a, model, run, batched, Request) -> int:
-    """LLaVA's model_vqa format: questions in, answers out, with a progress bar."""
-    from tqdm import tqdm
-    qs = []
-    for n, line in enumerate(Path(a.questions).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-            qs.append((q["question_id"], q["text"], q.get("image")))
-        except (json.JSONDecodeError, KeyError) as e:
-            fail(f"{a.questions}:{n}: not a question record ({e})")
-    for _, _, img in qs:
-        if img is not None and a.image_folder is None:
-            fail("image questions need --image-folder")
-    out_path = Path(a.answers_file)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    model_id = model.path.name
-    with tmp.open("w") as f, tqdm(total=len(qs), desc="answering", unit="q", file=sys.stderr) as bar:
-        # A question's sampling key comes from its place in the file, not from its batch.
-        for chunk in batched(list(enumerate(qs)), a.batch_size):
-            ids = [i for i, _ in chunk]
-            chunk = [q for _, q in chunk]
-            reqs = [Request(text, str(Path(a.image_folder) / img) if img else None) for _, text, img in chunk]
-            # A short last batch is padded with copies so that it reuses the compiled shapes.
-            pad = min(a.batch_size, len(qs)) - len(reqs)
-            reqs, ids = reqs + reqs[-1:] * pad, ids + ids[-1:] * pad
-            try:
-                answers = run(reqs, ids)
-            except (ValueError, OSError) as e:  # bad image or prompt: say which questions
-                tmp.unlink(missing_ok=True)
-                fail(f"question(s) {[q[0] for q in chunk]}: {e}")
-            for (qid, text, _), ans in zip(chunk, answers):
-                rec = {"question_id": qid, "prompt": text, "text": ans["text"],
-                       "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                       "metadata": {k: v for k, v in ans.items() if k != "text"}}
-                f.write(json.dumps(rec) + "\n")
-                if a.json:
-                    print(json.dumps(dict(ans, question_id=qid)))
-            bar.update(len(chunk))
-    tmp.replace(out_path)
-    return 0
+def check_paths(a, ckpt: Path) -> str | None:
+    """A one-line reason the files named cannot be used, or None (checked before any work)."""
+    if a.questions is None:
+        return None
+    out = Path(a.answers_file)
+    if out.is_dir():
+        return f"--answers-file {out} is a directory"
+    out = out.resolve()
+    if out == Path(a.questions).resolve():
+        return f"--answers-file {a.answers_file} is the --questions file"
+    if out == ckpt.resolve() or ckpt.resolve() in out.parents:
+        return f"--answers-file {a.answers_file} is inside the checkpoint {ckpt}"
+    if a.image_folder and out.exists() and Path(a.image_folder).resolve() in out.parents:
+        return f"--answers-file {a.answers_file} would overwrite a file in --image-folder"
+    return None
+
+
+def answer_file(a, model, opts) -> int:
+    """LLaVA's model_vqa format: questions in, answers out (dynllava_jax.answering)."""
+    from dynllava_jax import answering
+
+    on_answer = (lambda q, ans: print(json.dumps(dict(ans, question_id=q.qid)), flush=True)) if a.json else None
+    kw = dict(image_folder=a.image_folder, batch_size=a.batch_size, temperature=a.temperature,
+              top_p=a.top_p, seed=a.seed, on_answer=on_answer)
+    import jax
+    try:
+        if jax.process_count() > 1 and a.num_chunks > 1:
+            fail("--num-chunks splits a file between jobs; this multi-process job already shares "
+                 "it between its processes")
+        if jax.process_count() > 1:  # one job over many hosts: each answers its share, one merges
+            from jax.experimental import multihost_utils
+            summary = answering.answer_together(
+                model, a.questions, a.answers_file, opts, **kw,
+                process=(jax.process_index(), jax.process_count()),
+                barrier=lambda: multihost_utils.sync_global_devices("infer.py --answers-file"))
+        else:
+            summary = answering.answer_questions(model, a.questions, a.answers_file, opts, **kw,
+                                                 share=(a.chunk_idx, a.num_chunks))
+    except answering.AnsweringError as e:
+        fail(str(e))
+    print(summary.line(Path(a.answers_file)), file=sys.stderr)
+    return 1 if summary.skipped else 0
 
 
 if __name__ == "__main__":

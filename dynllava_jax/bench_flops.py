@@ -33,13 +33,9 @@ from . import kv_cache
 from .config import PRESETS, ModelConfig, preset
 from .generate import (GenOptions, compacted_length, decode_step, kv_bytes,
                        no_cache_chunk, prefill)
-from .inputs import IMAGE_MARKER, prepare_batch, round_up
+from .inputs import IMAGE_MARKER, length_bucket, prepare_batch
 from .model import image_features, init_params
 
-try:  # the prompt bucket infer.py pads to (importing inference is not free: lazy)
-    from .inference import PROMPT_BUCKET
-except Exception:  # pragma: no cover
-    PROMPT_BUCKET = 64
 
 # Figures of the paper (SPEC §6), for the table.
 PAPER = {
@@ -292,7 +288,7 @@ def run_flops(s: Setup, progress: Progress) -> dict[str, Any]:
     # 4. KV cache -----------------------------------------------------------------------
     ids = [1] * s.image_start + [IMAGE_MARKER] + [1] * (s.text - s.image_start)
     padded = prepare_batch([ids] * b, s.n_img, cfg.pad_token_id,
-                           pad_to=round_up(s.prompt, PROMPT_BUCKET))
+                           pad_to=length_bucket(s.prompt))  # as infer.py pads (prompt_bucket)
     t_pad = padded.tokens.shape[1]
     l, L = F.sparse_layer(cfg), cfg.llm.num_layers
     alloc = {}
@@ -363,7 +359,7 @@ def notes(r: dict) -> list[str]:
         "of the previous chunk plus one slot per step, rounded up to the bucket, so dropped "
         "generated tokens are removed up to that bucket's slack (keep rate assumed as above).",
         f"FLOPs use the exact prompt ({s['prompt_tokens']} tokens); infer.py pads prompts to a "
-        f"multiple of {PROMPT_BUCKET} ({kv['prompt_padded_to']} here), which the KV 'allocated' "
+        f"bucket of 64, 96, 128, 192, 256, ... tokens ({kv['prompt_padded_to']} here), which the KV 'allocated' "
         "rows include (generate.kv_bytes, as infer.py reports it; dynamic layers >= l hold "
         "prompt_after_pruning + ceil(N x budget) + 1 scratch slot).",
     ]

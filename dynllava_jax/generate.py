@@ -19,6 +19,7 @@ masked, so a batch equals its sequences run one by one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import jax
@@ -35,7 +36,11 @@ from .model import (compute_dtype, embed_inputs, image_features, image_scores,
 from .sampling import row_keys, sample, step_keys
 from .sparsity import compaction_indices, gather_tokens, topk_keep_mask
 
+logger = logging.getLogger(__name__)
 TRACES = {"prefill": 0, "decode": 0, "no_cache": 0}  # trace counters (tests check compiles)
+# Each compiled program holds hundreds of memory mappings (the process limit is ~65k); the
+# no-cache loop compiles one per (chunk, lengths), so a long run keeps at most this many.
+MAX_NO_CACHE_PROGRAMS = 48
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +397,7 @@ def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, p
         # chunks share compiles).
         need = kept_max + (stop - start) if start else clen + stop
         compact = min(clen + stop, round_up(need, bucket))
+        _bound_no_cache_programs((cfg, opts, b, t, stop, compact, feats is None))
         seq, out, done, stats = jit_no_cache(
             params, seq, lengths, image_start, feats, out, done, keys, stats, temperature, top_p,
             jnp.int32(start), jnp.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
@@ -402,3 +408,23 @@ def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, p
         start = stop
     return out, np.asarray(stats["image_keep"]), np.asarray(stats["in_cache"])
 
+
+_no_cache_shapes: set = set()  # the shapes jit_no_cache holds compiled programs for
+_said_no_cache_cap = [False]
+
+
+def _bound_no_cache_programs(key) -> None:
+    """Before compiling a new no-cache shape beyond MAX_NO_CACHE_PROGRAMS, drop the compiled
+    ones, and say so once: later shapes compile again, but the process never runs out of
+    memory mappings."""
+    if key in _no_cache_shapes:
+        return
+    if len(_no_cache_shapes) >= MAX_NO_CACHE_PROGRAMS:
+        jit_no_cache.clear_cache()
+        _no_cache_shapes.clear()
+        if not _said_no_cache_cap[0]:
+            _said_no_cache_cap[0] = True
+            logger.warning("no-KV-cache decoding compiled %d shapes; dropping them to bound "
+                           "memory (later shapes compile again; a larger "
+                           "GenOptions.no_cache_bucket makes fewer)", MAX_NO_CACHE_PROGRAMS)
+    _no_cache_shapes.add(key)

@@ -19,6 +19,10 @@ from PIL import Image
 
 # round-down(255 * CLIP mean), as LLaVA computes it: tuple(int(x * 255) for x in mean).
 BACKGROUND = (122, 116, 104)
+# The padded square's side is bounded: a 162-byte 1x20000 PNG would otherwise become a
+# 20000x20000 square (5.8 GB, 38 s). An image with a longer side than this is first shrunk
+# (bicubic, aspect kept) to it; up to it, the pixels are exactly LLaVA's.
+MAX_PADDED_SIDE = 4096
 
 
 class ImageLoadError(ValueError):
@@ -39,6 +43,17 @@ def expand2square(pil_image: Image.Image, background=BACKGROUND) -> Image.Image:
     result = Image.new(pil_image.mode, (side, side), background)
     result.paste(pil_image, ((side - width) // 2, (side - height) // 2))
     return result
+
+
+def bound_size(pil_image: Image.Image, max_side: int = MAX_PADDED_SIDE) -> Image.Image:
+    """``pil_image`` shrunk so that its longer side (the padded square's) is ``max_side``;
+    unchanged when it already fits."""
+    width, height = pil_image.size
+    side = max(width, height)
+    if side <= max_side:
+        return pil_image
+    size = (max(1, round(width * max_side / side)), max(1, round(height * max_side / side)))
+    return pil_image.resize(size, Image.BICUBIC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +156,8 @@ class ImageProcessor:
         return int(self.settings.crop_hw[0])
 
     def __call__(self, pil_image: Image.Image) -> np.ndarray:
-        return clip_preprocess(expand2square(pil_image.convert("RGB"), self.background), self.settings)
+        image = expand2square(bound_size(pil_image.convert("RGB")), self.background)
+        return clip_preprocess(image, self.settings)
 
     def load(self, path: str | Path) -> np.ndarray:
         """Open, decode and preprocess an image file; ``ImageLoadError`` if that fails."""
@@ -151,6 +167,7 @@ class ImageProcessor:
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")  # forces the full decode inside the try
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError,
+                Image.DecompressionBombError) as e:
             raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
         return self(image)

@@ -13,18 +13,24 @@ from .checkpoint import load_converted
 from .conversation import build_prompt
 from .generate import GenOptions, GenResult, generate, inference_params
 from .image_processing import ImageProcessor
-from .inputs import InputError, expanded_length, prepare_batch, round_up
+from .inputs import IMAGE_MARKER, InputError, expanded_length, length_bucket, prepare_batch
 from .sampling import row_keys
-from .tokenizer import LlavaTokenizer
+from .tokenizer import IMAGE_TOKEN, LlavaTokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "tiny-dynamic-llava"
-PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: one compile serves many calls
+
+
+def prompt_bucket(n: int, limit: int) -> int:
+    """The padded prompt length for a longest prompt of ``n`` tokens: 64, 96, 128, 192, 256,
+    384, 512, 768, ... at most ``limit`` (a few buckets: a few compiles per run)."""
+    return length_bucket(n, limit)
 
 
 @dataclasses.dataclass
 class Request:
     question: str
     image: Optional[str] = None  # path; None for a text-only question
+    pixels: Optional[np.ndarray] = None  # the image already preprocessed (skips loading `image`)
 
 
 class Llava:
@@ -46,14 +52,31 @@ class Llava:
         return self.cfg.llm.max_position_embeddings - max_new_tokens
 
     def prompt_ids(self, req: Request) -> list[int]:
-        return self.tokenizer.tokenize_prompt(build_prompt(req.question, has_image=req.image is not None))
+        """The prompt's ids; an image question has one marker (-200), before the question.
+
+        The question is text whatever it holds: a literal "<image>" in it is tokenised as
+        text, never as a second (or, without an image, a fake) image."""
+        has_image = req.image is not None or req.pixels is not None
+        prompt = build_prompt(req.question, has_image=has_image)
+        tok = self.tokenizer
+        ids = [tok.bos_id] if tok.add_bos else []
+        if not has_image:
+            return ids + tok.encode(prompt)
+        head, tail = prompt.split(IMAGE_TOKEN, 1)  # the first one is the template's
+        return ids + tok.encode(head) + [IMAGE_MARKER] + tok.encode(tail)
+
+    def prompt_length(self, req: Request) -> int:
+        """Tokens the prompt takes, image slots included."""
+        return expanded_length(self.prompt_ids(req), self.cfg.num_image_tokens)
 
     def answer(self, requests: Sequence[Request], opts: GenOptions, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0, keys_from: Optional[Sequence[int]] = None) -> list[dict]:
+               top_p: float = 1.0, seed: int = 0, keys_from: Optional[Sequence[int]] = None,
+               pad_to: Optional[int] = None) -> list[dict]:
         """Answer a batch; one dict per request (the fields of `infer.py --json`).
 
         keys_from: a number per request (default 0, 1, ...) that, with `seed`, fixes its sampling
-        key, so a sampled answer does not depend on the batch it is in."""
+        key, so a sampled answer does not depend on the batch it is in. pad_to: the padded
+        prompt length (default: `prompt_bucket` of the longest prompt)."""
         ids = [self.prompt_ids(r) for r in requests]
         if not opts.vocab_limit:  # never generate a padded embedding row the tokenizer cannot decode
             opts = dataclasses.replace(opts, vocab_limit=len(self.tokenizer))
@@ -66,14 +89,16 @@ class Llava:
                     f"the model holds {self.cfg.llm.max_position_embeddings} positions and "
                     f"{opts.max_new_tokens} are reserved for the answer")
         pixels = None
-        if any(r.image is not None for r in requests):
+        if any(r.image is not None or r.pixels is not None for r in requests):
             s = self.images.image_size
             pixels = np.zeros((len(requests), 3, s, s), np.float32)
             for i, r in enumerate(requests):
-                if r.image is not None:
+                if r.pixels is not None:
+                    pixels[i] = r.pixels
+                elif r.image is not None:
                     pixels[i] = self.images.load(r.image)
         longest = max(expanded_length(p, n_img) for p in ids)
-        pad_to = min(round_up(longest, PROMPT_BUCKET), limit)
+        pad_to = prompt_bucket(longest, limit) if pad_to is None else pad_to
         batch = prepare_batch(ids, n_img, self.tokenizer.pad_id, pad_to=pad_to)
         keys = row_keys(jax.random.PRNGKey(seed), range(len(requests)) if keys_from is None else keys_from)
         res: GenResult = generate(self.params, self.cfg, batch, pixels, opts, rng=keys,
@@ -86,7 +111,7 @@ class Llava:
                 "prompt_token_ids": ids[i],
                 "mode": opts.mode if opts.use_cache else f"{opts.mode}-no-kv-cache",
                 "image_tokens_kept": int(res.image_tokens_kept[i]),
-                "image_tokens_total": n_img if r.image is not None else 0,
+                "image_tokens_total": n_img if IMAGE_MARKER in ids[i] else 0,
                 "kept_image_indices": res.kept_image_indices[i],
                 "generated_tokens_in_cache": int(res.generated_tokens_in_cache[i]),
                 "kv_cache_evicted": bool(res.evicted[i]),

@@ -25,6 +25,18 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def length_bucket(n: int, limit: int | None = None, smallest: int = 64) -> int:
+    """The padded length of an ``n``-token sequence: ``smallest``, then 1.5x and 2x steps
+    (64, 96, 128, 192, 256, 384, 512, 768, ...), at most ``limit``.
+
+    A few geometric buckets bound the compiled shapes of a run to a handful (each costs a
+    compile and hundreds of memory mappings) while padding at most a third of the length."""
+    b = smallest
+    while b < n:
+        b = b * 3 // 2 if (b & (b - 1)) == 0 else b // 3 * 4  # 2^k -> 1.5 * 2^k -> 2^(k+1)
+    return b if limit is None else min(b, limit)
+
+
 def expanded_length(prompt_ids: Sequence[int], num_image_tokens: int) -> int:
     n_img = sum(1 for t in prompt_ids if t == IMAGE_MARKER)
     return len(prompt_ids) - n_img + n_img * num_image_tokens

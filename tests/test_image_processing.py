@@ -118,3 +118,25 @@ def test_own_clip_preprocessing_is_bit_identical_to_transformers(cfg):
 def test_older_int_size_forms():
     s = ClipSettings.from_config({"size": 224, "crop_size": 224})
     assert (s.shortest_edge, s.crop_hw) == (224, (224, 224))
+
+
+def test_padded_square_is_bounded(proc, monkeypatch, tmp_path):
+    """A 1x20000 PNG (a few hundred bytes) must not become a 20000x20000 square (5.8 GB)."""
+    from dynllava_jax import image_processing
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (1, 20000), (200, 10, 10)).save(path)
+    assert path.stat().st_size < 2000
+    sides = []
+    real = image_processing.expand2square
+    monkeypatch.setattr(image_processing, "expand2square",
+                        lambda im, bg=BACKGROUND: sides.append(max(im.size)) or real(im, bg))
+    pixels = proc.load(path)
+    assert sides == [image_processing.MAX_PADDED_SIDE]
+    assert pixels.shape == (3, proc.image_size, proc.image_size) and np.isfinite(pixels).all()
+    # The training data path (packed image bytes) goes through the same bound.
+    from dynllava_jax.data.llava_json import RawRecord, _load_pixels
+    raw = RawRecord(id="strip", conversations=None, image="strip.png", image_bytes=path.read_bytes())
+    assert _load_pixels(proc, raw, None).shape == pixels.shape and len(sides) == 2
+    # Images up to the bound are LLaVA's exactly: not resized first.
+    small = Image.new("RGB", (30, 400))
+    assert image_processing.bound_size(small) is small

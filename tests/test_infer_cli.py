@@ -1,6 +1,7 @@
 """infer.py as a user types it: the bundled default, bad input, sampling options."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,10 @@ def test_sampling_is_seeded():
     (["--no-kv-cache", "--text-kv-budget", "0.5", "--prompt", "x"], "--no-kv-cache"),
     (["--image", IMG], "--image needs --prompt"),
     ([], "nothing to answer"),
+    (["--prompt", "x", "--seed", str(2 ** 70)], "--seed"),  # would repeat a smaller seed's key
+    (["--prompt", "x", "--temperature", "nan"], "--temperature"),
+    (["--questions", "q.jsonl", "--answers-file", "a.jsonl", "--num-chunks", "2", "--chunk-idx", "2"],
+     "--chunk-idx"),
 ])
 def test_bad_input_is_one_line_exit_2(args, msg):
     r = infer(*args)
@@ -93,3 +98,36 @@ def test_sampled_answers_do_not_depend_on_the_batch(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         got.append([json.loads(x)["text"] for x in (tmp_path / f"a{bs}.jsonl").read_text().splitlines()])
     assert got[0] == got[1]
+
+
+def test_answers_file_that_is_an_input_or_a_directory_is_refused(tmp_path):
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 1, "text": "Hi"}) + "\n")
+    before = q.read_text()
+    for answers, msg in ((q, "is the --questions file"), (tmp_path, "is a directory")):
+        r = infer("--questions", str(q), "--answers-file", str(answers), "--max-new-tokens", "2")
+        assert r.returncode == 2 and r.stderr.startswith("error:") and msg in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert q.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl"]
+
+
+def test_chunk_with_bad_questions_answers_the_rest(tmp_path):
+    """--num-chunks 2 --chunk-idx 1 answers lines 4-6 (LLaVA's chunks of ceil(6 / 2)); the bad
+    ones are named, each on its own line (not on the progress bar's), counted, and the exit
+    status says so."""
+    q = tmp_path / "q.jsonl"
+    q.write_text("\n".join([json.dumps({"question_id": 0, "text": "Hi"}),
+                            json.dumps({"question_id": 1, "text": "Why?"}),
+                            json.dumps({"question_id": 2, "text": "Who?"}),
+                            "[1, 2]",
+                            json.dumps({"question_id": 3, "text": "Where?", "image": "nope.png"}),
+                            json.dumps({"question_id": 4, "text": "Name it."})]) + "\n")
+    a = tmp_path / "a.jsonl"
+    r = infer("--questions", str(q), "--image-folder", str(REPO / "assets" / "images"),
+              "--answers-file", str(a), "--max-new-tokens", "3", "--num-chunks", "2", "--chunk-idx", "1")
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = re.findall(r"^error: .*$", r.stderr, re.M)
+    assert len(errors) == 2 and errors[0].startswith(f"error: {q}:4: ") and \
+        errors[1].startswith(f"error: {q}:5: ") and "nope.png" in errors[1], r.stderr[-2000:]
+    assert "1 answered, 0 already in" in r.stderr and "2 skipped" in r.stderr
+    assert [json.loads(l)["question_id"] for l in a.read_text().splitlines()] == [4]

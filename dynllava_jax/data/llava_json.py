@@ -169,9 +169,11 @@ def _load_pixels(image_processor, raw: RawRecord, image_folder: str | None) -> n
     try:
         with Image.open(io.BytesIO(raw.image_bytes)) as image:
             image = image.convert("RGB")  # the full decode, inside the try
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        # The padded square is bounded (image_processing.MAX_PADDED_SIDE); a MemoryError
+        # left is this record's, not the run's.
+        return image_processor(image)
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as e:
         return Invalid(raw.id, CORRUPT_IMAGE, f"cannot decode {raw.image}: {type(e).__name__}: {e}")
-    return image_processor(image)
 
 
 def encode_record(
