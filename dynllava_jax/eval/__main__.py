@@ -140,12 +140,7 @@ def run_score(a) -> tuple[dict, str]:
 
 
 def merge(a) -> int:
-    try:
-        from ..answering import merge_answers
-    except ModuleNotFoundError as e:  # FALLBACK, removed at merge: this branch lacks dynllava_jax.answering
-        if e.name != "dynllava_jax.answering":
-            raise
-        from ._merge_fallback import merge_answers
+    from ..answering import merge_answers
     try:
         n = merge_answers(a.result_files, a.output_file, questions_path=a.question_file)
     except ValueError as e:  # how a bad answer or question file is reported
