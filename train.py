@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir or Path("workdirs") / Path(args.config).stem)
+    # A bucket URL (gs://...) stays a URL: never Path() it into a local "gs:/" folder.
+    workdir = args.workdir or str(Path("workdirs") / Path(args.config).stem)
     from dynllava_jax.trainer import Trainer
     from dynllava_jax.data.pipeline import DataError
     try:
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
             if trainer.ckpt.latest_step() is None:
                 print(f"error: no checkpoint in {workdir}/checkpoints", file=sys.stderr)
                 return 2
-            print(f"exported {trainer.export(workdir / 'export')}")
+            print(f"exported {trainer.export(trainer.workdir / 'export')}")
             return 0
         last = trainer.run()
         trainer.close()

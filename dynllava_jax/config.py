@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .paths import as_path
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -115,11 +117,11 @@ class ModelConfig:
         return _from_fields(cls, d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        as_path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(as_path(path).read_text()))
 
 
 def _from_fields(cls, d: dict[str, Any]):

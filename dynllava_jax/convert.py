@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from . import paths
 from .checkpoint_io import CheckpointError, iter_tensors, tensor_names, weight_files
 from .config import LLMConfig, ModelConfig, SparseConfig, VisionConfig
 
@@ -406,7 +407,7 @@ def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path]
 
     if dtype not in ("float32", "bfloat16"):
         raise CheckpointError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
-    dst = Path(dst)
+    dst = paths.as_path(dst) if paths.is_url(dst) else Path(dst)  # a bucket URL stays one
     if dst.exists() and not force:
         raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
     source = read_source(Path(src), Path(vision_tower) if vision_tower else None)

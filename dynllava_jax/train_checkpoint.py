@@ -27,6 +27,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from . import paths
+
 log = logging.getLogger("dynllava_jax.train_checkpoint")
 
 
@@ -65,7 +67,7 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, every: int = 1000, keep: int = 3,
                  async_save: bool = True):
         import grain  # noqa: F401  (registers grain's CheckpointSave/Restore with Orbax)
-        self.directory = Path(directory).absolute()
+        self.directory = paths.as_path(directory)  # a bucket URL stays one (Orbax takes it)
         self.every = max(int(every), 1)
         opts = ocp.CheckpointManagerOptions(
             save_interval_steps=self.every, max_to_keep=keep if keep > 0 else None,
@@ -119,9 +121,10 @@ def export_converted(dst: str | Path, params: Any, cfg, assets_dir: Optional[Pat
     import numpy as np
     from .checkpoint import save_converted
     if preprocessor is None:
-        if assets_dir is None or not (Path(assets_dir) / "preprocessor_config.json").exists():
+        pre = None if assets_dir is None else paths.as_path(assets_dir) / "preprocessor_config.json"
+        if pre is None or not pre.exists():
             raise FileNotFoundError(f"no preprocessor_config.json in {assets_dir}")
-        preprocessor = json.loads((Path(assets_dir) / "preprocessor_config.json").read_text())
+        preprocessor = json.loads(pre.read_text())
     def to_host(x):
         # Arrays sharded over several hosts are gathered (a collective: every host calls this).
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -130,7 +133,7 @@ def export_converted(dst: str | Path, params: Any, cfg, assets_dir: Optional[Pat
         return np.asarray(jax.device_get(x))
 
     host = jax.tree_util.tree_map(to_host, params)
-    out = Path(dst)
+    out = paths.as_path(dst)
     if jax.process_index() == 0:
         out = save_converted(dst, host, cfg, preprocessor, assets_dir, force=force)
     if jax.process_count() > 1:

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,6 +35,7 @@ import optax
 from . import model as M
 from . import objective as O
 from . import optim
+from . import paths
 from . import sharding as S
 from .checkpoint import checkpoint_shapes
 from .config import ModelConfig, preset as model_preset
@@ -42,6 +44,9 @@ from .train_checkpoint import TrainCheckpointer, abstract_like, export_converted
 log = logging.getLogger("dynllava_jax.trainer")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TINY = REPO_ROOT / "assets" / "tiny-dynamic-llava"
+# What the data pipeline reads from the assets dir (copied locally when it is a URL).
+ASSET_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.json", "added_tokens.json", "preprocessor_config.json")
 
 
 # -- state ------------------------------------------------------------------------------
@@ -252,8 +257,11 @@ def _frozen_items(cd) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in d.items()))
 
 
-def resolve_path(p: str) -> Path:
-    """A path as given, else relative to the repository root (configs name assets/...)."""
+def resolve_path(p: str, what: str = "init_from"):
+    """A path as given, else relative to the repository root (configs name assets/...);
+    a URL (gs://...) as an epath.Path."""
+    if paths.is_url(p):
+        return paths.check_usable(p, what)
     path = Path(p).expanduser()
     if path.exists() or path.is_absolute():
         return path
@@ -262,49 +270,86 @@ def resolve_path(p: str) -> Path:
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard (tensorboardX) in the workdir; host 0 only."""
+    """metrics.jsonl + TensorBoard (tensorboardX) in the workdir; host 0 only.
 
-    def __init__(self, workdir: Path, resume_step: int = 0):
+    Local files are appended to. On a bucket (no appends) the file is rewritten whole,
+    at most every `flush_every_s` seconds and at `close`; TensorBoard events likewise
+    (`tb_events.register`).
+    """
+
+    def __init__(self, workdir, resume_step: int = 0, flush_every_s: float = 30.0):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = paths.as_path(workdir) / "metrics.jsonl"
+        self.remote = paths.is_url(self.path)
+        self.flush_every_s, self._flushed = flush_every_s, time.monotonic()
+        self.rows: list[str] = []
         self.tb = None
         if not self.enabled:
             return
         if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            self.rows = [json.dumps(r) for r in _read_rows(self.path)
+                         if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in self.rows))
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+            from .tb_events import register
+            register()
+            self.tb = SummaryWriter(os.fspath(paths.as_path(workdir) / "tb"))
         except Exception as e:  # pragma: no cover
             log.warning("TensorBoard disabled: %s", e)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
+        self.rows.append(row)
+        if not self.remote:
+            with self.path.open("a") as f:
+                f.write(row + "\n")
+        elif time.monotonic() - self._flushed >= self.flush_every_s:
+            self.flush()
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"train/{k}", float(v), int(step))
 
-    def close(self) -> None:
+    def flush(self) -> None:
+        if self.enabled and self.remote:
+            self.path.write_text("".join(ln + "\n" for ln in self.rows))
+            self._flushed = time.monotonic()
         if self.tb is not None:
             self.tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb is not None:
             self.tb.close()
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
+def _read_rows(path) -> list[dict]:
+    """The JSON rows of a metrics.jsonl. A torn last line (a kill or power loss mid-write)
+    is dropped with a warning; a bad line elsewhere is an error naming the file and line."""
+    lines = paths.as_path(path).read_text().splitlines()
+    rows = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            r = json.loads(ln)
+            if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                raise ValueError("not a row with an integer 'step'")
+        except ValueError as e:
+            if all(not x.strip() for x in lines[i + 1:]):
+                log.warning("%s: dropping a torn last line (%d bytes): %s", path, len(ln), e)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row: {e}") from None
+        rows.append(r)
+    return rows
+
+
+def read_metrics(workdir) -> list[dict]:
     """The rows of WORKDIR/metrics.jsonl (the last row per step wins)."""
-    rows = {}
-    path = Path(workdir) / "metrics.jsonl"
-    if path.exists():
-        for ln in path.read_text().splitlines():
-            if ln.strip():
-                r = json.loads(ln)
-                rows[r["step"]] = r
+    path = paths.as_path(workdir) / "metrics.jsonl"
+    rows = {r["step"]: r for r in _read_rows(path)} if path.exists() else {}
     return [rows[k] for k in sorted(rows)]
 
 
@@ -327,7 +372,7 @@ class Trainer:
         """`export_only`: no data pipeline (a checkpoint written by any number of hosts can
         then be restored and exported on one)."""
         self.config = config
-        self.workdir = Path(workdir).absolute()
+        self.workdir = paths.check_usable(workdir, "--workdir")  # local or a bucket URL
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         dc = config.distributed
@@ -376,11 +421,13 @@ class Trainer:
         if c.init_from == "random":
             cfg = model_preset(c.model_preset)
             self.init_dir = None
-            self.assets_dir = resolve_path(c.assets_dir) if c.assets_dir else DEFAULT_TINY
+            self.assets_dir = (resolve_path(c.assets_dir, "assets_dir") if c.assets_dir
+                               else DEFAULT_TINY)
         else:
             self.init_dir = resolve_path(c.init_from)
             cfg = load_config(self.init_dir)
-            self.assets_dir = resolve_path(c.assets_dir) if c.assets_dir else self.init_dir
+            self.assets_dir = (resolve_path(c.assets_dir, "assets_dir") if c.assets_dir
+                               else self.init_dir)
         self.export_cfg_base = cfg
         sp = {k: v for k, v in c.sparse.to_dict().items()}
         cfg = cfg.replace_sparse(enabled=True, **sp)
@@ -447,7 +494,15 @@ class Trainer:
                 raise ValueError("no data: set data.json_path (or data.source=tfds), or "
                                  "synthetic.n > 0 for a generated dataset")
             out = self.workdir / "data"
-            if not (out / "data.json").exists() and jax.process_index() == 0:
+            writer = jax.process_index() == 0
+            if paths.is_url(out):
+                # The pipeline reads local files: a bucket workdir gets the (deterministic)
+                # generated set in a local cache, written by every host for itself.
+                out = paths.cache_dir("synthetic") / (
+                    f"n{int(c.synthetic.n)}-seed{int(c.synthetic.seed)}-"
+                    f"px{cfg.vision.image_size}")
+                writer = True
+            if not (out / "data.json").exists() and writer:
                 from .data.synthetic import write_synthetic_dataset
                 write_synthetic_dataset(out, int(c.synthetic.n), int(c.synthetic.seed),
                                         cfg.vision.image_size)
@@ -456,8 +511,9 @@ class Trainer:
                 multihost_utils.sync_global_devices("synthetic data written")
             dc.json_path = str(out / "data.json")
             dc.image_folder = str(out)
-        tok = LlavaTokenizer.from_dir(self.assets_dir)
-        ip = ImageProcessor.from_dir(self.assets_dir)
+        local_assets = paths.local_copy(self.assets_dir, ASSET_FILES)
+        tok = LlavaTokenizer.from_dir(local_assets)
+        ip = ImageProcessor.from_dir(local_assets)
         source = make_source(dc)  # parsed once (mix665k's JSON takes seconds)
         num_records = len(source)
         if dc.get("requires_image", False):
