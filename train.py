@@ -77,6 +77,16 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, CheckpointDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the loop, or a second one while stopping
+        print("error: interrupted: nothing saved now; run the same command to resume from "
+              "the last checkpoint", file=sys.stderr)
+        return 130
+    if trainer.stopped:
+        from dynllava_jax.preemption import EXIT_CODES
+        print(f"stopped by {trainer.stopped} after step {trainer.step}: checkpoint saved in "
+              f"{trainer.ckpt.directory}/{trainer.step}; run the same command to resume",
+              file=sys.stderr)
+        return EXIT_CODES[trainer.stopped]
     if last:
         print(f"done: step {trainer.step}, loss {last['loss']:.4f}, workdir {workdir}")
     return 0

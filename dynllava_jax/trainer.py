@@ -39,6 +39,7 @@ from . import paths
 from . import sharding as S
 from .checkpoint import checkpoint_shapes
 from .config import ModelConfig, preset as model_preset
+from .preemption import StopSignals
 from .train_checkpoint import TrainCheckpointer, abstract_like, export_converted
 
 log = logging.getLogger("dynllava_jax.trainer")
@@ -605,7 +606,10 @@ class Trainer:
                        dynamic_ncols=True)
         log_every = max(int(c.train.log_every), 1)
         t_last, tokens_acc, steps_acc = time.perf_counter(), 0.0, 0
+        self.stopped = None
+        signals = StopSignals()
         try:
+            signals.__enter__()
             while step < end:
                 try:
                     host = next(self.iterator)
@@ -638,16 +642,23 @@ class Trainer:
                     bar.update(1)
                     if last:
                         bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}")
+                self.stopped = signals.should_stop()  # every host, at this step boundary
+                if self.stopped:
+                    if saved != step:
+                        self.ckpt.save(step, self.state, self.iterator, force=True)
+                        saved = step
+                    break
             if step >= self.total_steps and saved != step:
                 self.ckpt.save(step, self.state, self.iterator, force=True)
             self.ckpt.wait()
         finally:
+            signals.__exit__()
             self.ckpt.wait()  # never leave a save half-written behind an exception
             if bar is not None:
                 bar.close()
             writer.close()
         self.step = step
-        if step >= self.total_steps and c.checkpoint.export:
+        if step >= self.total_steps and c.checkpoint.export and not self.stopped:
             self.export(self.workdir / "export")  # every host gathers; process 0 writes
         return last
 
