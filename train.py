@@ -66,14 +66,16 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(config, workdir, init_from=args.init_from,
                           progress=not args.no_progress, export_only=args.export_only)
-        if args.export_only:
-            if trainer.ckpt.latest_step() is None:
-                print(f"error: no checkpoint in {workdir}/checkpoints", file=sys.stderr)
-                return 2
-            print(f"exported {trainer.export(trainer.workdir / 'export')}")
-            return 0
-        last = trainer.run()
-        trainer.close()
+        try:
+            if args.export_only:
+                if trainer.ckpt.latest_step() is None:
+                    print(f"error: no checkpoint in {workdir}/checkpoints", file=sys.stderr)
+                    return 2
+                print(f"exported {trainer.export(trainer.workdir / 'export')}")
+                return 0
+            last = trainer.run()
+        finally:
+            trainer.close()  # releases WORKDIR/.lock
     except (FileNotFoundError, ValueError, CheckpointDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,10 +37,12 @@ from . import objective as O
 from . import optim
 from . import paths
 from . import sharding as S
-from .checkpoint import checkpoint_shapes
+from .checkpoint import CheckpointDirError, checkpoint_shapes
 from .config import ModelConfig, preset as model_preset
 from .preemption import StopSignals
-from .train_checkpoint import TrainCheckpointer, abstract_like, export_converted
+from .workdir_lock import WorkdirLock
+from .train_checkpoint import (CheckpointCorrupt, TrainCheckpointer, abstract_like,
+                               export_converted)
 
 log = logging.getLogger("dynllava_jax.trainer")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +255,24 @@ class SyntheticBatches:
 _STEP_CACHE: dict = {}
 
 
+def clean_stale_temporaries(workdir) -> None:
+    """Remove what a run killed during its export left in the workdir (the lock is held,
+    so nothing else is writing): `.export.tmp-*` folders, and `export.old` (put back as
+    `export` when the kill came between the two renames of `replace_dir`)."""
+    wd = paths.as_path(workdir)
+    for tmp in wd.glob(".export.tmp-*"):
+        log.warning("removing %s, left by an export that did not finish", tmp)
+        tmp.rmtree()
+    old, export = wd / "export.old", wd / "export"
+    if old.exists():
+        if export.exists():
+            log.warning("removing %s, left by an export that did not finish", old)
+            old.rmtree()
+        else:
+            log.warning("restoring %s from %s (an export was interrupted)", export, old)
+            old.rename(export)
+
+
 def _frozen_items(cd) -> tuple:
     d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
     return tuple(sorted((k, repr(v)) for k, v in d.items()))
@@ -378,6 +398,20 @@ class Trainer:
         self.progress = progress
         dc = config.distributed
         S.maybe_initialize_distributed(dc.coordinator, dc.num_processes, dc.process_id)
+        self.ckpt, self.stopped = None, None
+        self.lock = WorkdirLock(self.workdir,
+                                float(config.checkpoint.get("lock_stale_after_s", 600))).acquire()
+        try:
+            self._setup(config, init_from, export_only)
+        except BaseException:
+            if self.ckpt is not None:
+                self.ckpt.close()
+            self.lock.release()
+            raise
+
+    def _setup(self, config, init_from, export_only):
+        if jax.process_index() == 0:
+            clean_stale_temporaries(self.workdir)
         if init_from:
             config.init_from = init_from
         self.mesh = S.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -409,6 +443,8 @@ class Trainer:
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
                                       ck.async_save)
+        if not export_only:
+            self._check_schedule()
         self._init_state()
         self._compile_step()
 
@@ -539,6 +575,32 @@ class Trainer:
         steps = int(math.floor(num_records * float(tc.num_epochs) / self.global_batch))
         return max(steps, 1)
 
+    def _check_schedule(self) -> None:
+        """The schedules (lr, tau) are functions of total_steps: a resumed run that asks for
+        another total would change them mid-run. WORKDIR/run.json records the first one."""
+        rec_path = self.workdir / "run.json"
+        rec = None
+        if rec_path.exists() and self.ckpt.latest_step() is not None:
+            try:
+                rec = json.loads(rec_path.read_text())
+                old = int(rec["total_steps"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{rec_path} is not a valid run record ({e}); delete it to "
+                                 "record this run's schedule afresh") from None
+            if old != self.total_steps:
+                if not self.config.train.get("allow_schedule_change", False):
+                    raise ValueError(
+                        f"{self.workdir} was started with {old} total steps and this run asks "
+                        f"for {self.total_steps} (train.total_steps / num_epochs): the lr and "
+                        "tau schedules would be recomputed mid-run. Train further in a new "
+                        "--workdir with --init-from WORKDIR/export, or pass "
+                        "--config.train.allow_schedule_change=true")
+                log.warning("total steps %d -> %d: the lr and tau schedules change from the "
+                            "resumed step on (train.allow_schedule_change)", old, self.total_steps)
+                rec = None
+        if rec is None and jax.process_index() == 0:
+            rec_path.write_text(json.dumps({"total_steps": self.total_steps}) + "\n")
+
     def _groups(self, params) -> tuple:
         oc = self.config.optim
         return optim.trainable_groups(params, train_projector=oc.train_projector,
@@ -553,12 +615,9 @@ class Trainer:
             step=jnp.zeros((), jnp.int32), params=p, frozen=f, opt_state=self.tx.init(p),
             rng=jnp.zeros((2,), jnp.uint32)), tr, fr)
         self.shardings = state_shardings(abstract, self.mesh)
-        latest = self.ckpt.latest_step()
-        if latest is not None:
-            target = abstract_like(abstract, self.shardings)
-            self.state = self.ckpt.restore(latest, target, self.iterator)
-            self.start_step = int(latest)
-            log.info("resumed from step %d", latest)
+        steps = self.ckpt.all_steps()
+        if steps:
+            self.state = self._restore_newest_intact(steps, abstract_like(abstract, self.shardings))
             return
         sh = self.shardings
         params = self._load_params(abstract_params, optim.merge_params(sh.params, sh.frozen))
@@ -568,6 +627,27 @@ class Trainer:
                                 params=trainable, frozen=frozen, opt_state=opt_state,
                                 rng=jax.device_put(rng, sh.rng))
         self.start_step = 0
+
+    def _restore_newest_intact(self, steps, target):
+        """Restore the newest checkpoint that reads back whole; an unusable newer one is
+        set aside (`<step>.corrupt`) with a warning naming it and why."""
+        problems = []
+        for step in sorted(steps, reverse=True):
+            try:
+                state = self.ckpt.restore(step, target, self.iterator)
+            except CheckpointCorrupt as e:
+                problems.append(str(e))
+                continue
+            for bad, why in zip(sorted(steps, reverse=True), problems):
+                moved = self.ckpt.set_aside(bad)
+                log.warning("checkpoint %d skipped (%s); moved to %s; resuming from step %d",
+                            bad, why, moved, step)
+            self.start_step = int(step)
+            log.info("resumed from step %d", step)
+            return state
+        raise CheckpointDirError(
+            f"no intact checkpoint in {self.ckpt.directory}: " + "; ".join(problems)
+            + " (move the checkpoints away to start from step 0)")
 
     def _compile_step(self):
         key = (self.cfg, self.step_config, _frozen_items(self.config.optim), self.groups,
@@ -669,4 +749,7 @@ class Trainer:
         return export_converted(dst, params, self.export_cfg, self.assets_dir)
 
     def close(self):
-        self.ckpt.close()
+        try:
+            self.ckpt.close()
+        finally:
+            self.lock.release()
