@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train Dynamic-LLaVA (SPEC §4).
+"""Train Dynamic-LLaVA: LLaVA-1.5 plus its two learned token-dropping predictors.
 
     python train.py --config configs/tiny_run.py [--workdir DIR] [--init-from CONVERTED_DIR]
                     [--config.train.total_steps=100 --config.optim.lr=1e-5 ...]
@@ -21,15 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="Any config field can be overridden: --config.a.b=value")
-    ap.add_argument("--config", required=True, help="a configs/*.py file")
-    ap.add_argument("--workdir", default=None, help="default: workdirs/<config name>")
-    ap.add_argument("--init-from", default=None,
-                    help="converted checkpoint dir (convert_weights.py) to start from")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config field can be overridden: --config.a.b=value (e.g.\n"
+               "--config.train.total_steps=100 --config.optim.lr=1e-5); configs/__init__.py\n"
+               "lists every field with its default and meaning.\n\n"
+               "WORKDIR may be a local folder or a bucket URL (gs://bucket/run; needs gcsfs).\n"
+               "SIGTERM (preemption) or Ctrl-C: the run saves a checkpoint after the current\n"
+               "step and exits (status 143 / 130); the same command resumes it. A second\n"
+               "Ctrl-C quits without saving. Exit status 2: bad input (one 'error:' line).")
+    ap.add_argument("--config", required=True, metavar="FILE",
+                    help="run configuration, a configs/*.py file (required)")
+    ap.add_argument("--workdir", default=None, metavar="DIR_OR_URL",
+                    help="where checkpoints, metrics.jsonl, tb/ and export/ go; a run resumes "
+                         "from its newest checkpoint (default: workdirs/<config file name>)")
+    ap.add_argument("--init-from", default=None, metavar="DIR_OR_URL",
+                    help="converted checkpoint (convert_weights.py) to start from (default: the "
+                         "config's init_from)")
     ap.add_argument("--export-only", action="store_true",
-                    help="export the newest checkpoint of the workdir to WORKDIR/export and exit")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+                    help="export the newest checkpoint of the workdir to WORKDIR/export and exit "
+                         "(default: train)")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="log one line per step instead of a progress bar (default: a bar)")
     args, rest = ap.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
