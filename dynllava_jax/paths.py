@@ -1,10 +1,10 @@
-"""One path type for local folders and cloud-storage URLs (`gs://`, `s3://`, ...).
+"""One path type for local folders and cloud-storage URLs (`gs://bucket/...`).
 
 Workdirs, converted checkpoints and exports may live on a bucket. Everything that names
 such a place goes through `as_path`, which returns an `etils.epath.Path` (the path type
 Orbax uses): a URL stays a URL (never a relative folder ``./gs:/...``), a local path is
 made absolute. Code then uses the `pathlib`-style methods of that object, which epath
-routes to the local file system or to the bucket's client (gcsfs/s3fs via fsspec, or
+routes to the local file system or to the bucket's client (gcsfs via fsspec, or
 TensorFlow's gfile when TensorFlow is installed).
 """
 
@@ -18,11 +18,11 @@ from etils import epath
 
 PathLike = Union[str, os.PathLike, epath.Path]
 
-# The URL schemes epath reads and writes, and the packages each needs: epath's client
-# (fsspec's, when TensorFlow is absent) and, for gs://, the one Orbax itself imports.
-_CLIENTS = {"gs": ("gcsfs", "google-cloud-storage"), "s3": ("s3fs",), "az": ("adlfs",),
-            "hf": ("huggingface_hub",)}
-_MODULES = {"google-cloud-storage": "google.cloud.storage", "huggingface_hub": "huggingface_hub"}
+# The URL schemes supported, and the packages each needs: epath's client (fsspec's, when
+# TensorFlow is absent) and the one Orbax itself imports. Only gs://: Orbax builds a
+# TensorStore spec for gs:// alone (another scheme's arrays would go to a local file).
+_CLIENTS = {"gs": ("gcsfs", "google-cloud-storage")}
+_MODULES = {"google-cloud-storage": "google.cloud.storage"}
 URL_SCHEMES = tuple(_CLIENTS)
 
 
@@ -65,8 +65,8 @@ def client_missing(p: PathLike) -> str | None:
         except ModuleNotFoundError:  # a parent package (google.cloud) is absent
             return False
     need = [p for p in _CLIENTS.get(sch, ()) if not have(p)]
-    if sch != "gs" and have("tensorflow"):  # epath then uses TensorFlow's gfile
-        need = []
+    if have("tensorflow"):  # epath then uses TensorFlow's gfile, not gcsfs
+        need = [p for p in need if p != "gcsfs"]
     return " ".join(need) or None
 
 

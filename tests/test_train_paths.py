@@ -98,3 +98,29 @@ def test_bucket_workdir_end_to_end(fake_bucket):
     cfg, params = load_converted("gs://bucket/run/export")
     assert cfg.sparse.enabled and "image_predictor" in params
     assert list(cwd.iterdir()) == []
+
+
+def test_converted_and_exported_dirs_on_a_bucket(fake_bucket, tmp_path):
+    """save_converted / load_converted (convert_weights.py --dst, train's export) and the
+    PyTorch-layout export (convert_weights.py --export --dst) with gs:// destinations."""
+    import json
+    import numpy as np
+    import jax
+    from dynllava_jax.checkpoint import save_converted
+    from dynllava_jax.export import export
+    root, cwd = fake_bucket
+    assets = REPO / "assets" / "tiny-dynamic-llava"
+    cfg, params = load_converted(assets)
+    pre = json.loads((assets / "preprocessor_config.json").read_text())
+    unused = {"extra": np.arange(4, dtype=np.float32)}
+    save_converted("gs://bucket/conv", jax.device_get(params), cfg, pre, assets, unused=unused)
+    got_cfg, got = load_converted("gs://bucket/conv")
+    assert got_cfg == cfg
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    names = sorted(p.name for p in (root / "bucket" / "conv").iterdir())
+    assert {"params", "model_config.json", "tokenizer.model", "unused_tensors.safetensors"} <= set(names)
+    export(assets, "gs://bucket/pt", "original", progress=False)
+    assert list((root / "bucket" / "pt").glob("*.safetensors"))
+    assert not [p for p in (root / "bucket").iterdir() if ".tmp-" in p.name]
+    assert list(cwd.iterdir()) == []
