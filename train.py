@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train Dynamic-LLaVA (SPEC §4).
+"""Train Dynamic-LLaVA: LLaVA-1.5 plus its two learned token-dropping predictors.
 
     python train.py --config configs/tiny_run.py [--workdir DIR] [--init-from CONVERTED_DIR]
                     [--config.train.total_steps=100 --config.optim.lr=1e-5 ...]
@@ -21,15 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="Any config field can be overridden: --config.a.b=value")
-    ap.add_argument("--config", required=True, help="a configs/*.py file")
-    ap.add_argument("--workdir", default=None, help="default: workdirs/<config name>")
-    ap.add_argument("--init-from", default=None,
-                    help="converted checkpoint dir (convert_weights.py) to start from")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config field can be overridden: --config.a.b=value (e.g.\n"
+               "--config.train.total_steps=100 --config.optim.lr=1e-5); configs/__init__.py\n"
+               "lists every field with its default and meaning.\n\n"
+               "WORKDIR may be a local folder or a bucket URL (gs://bucket/run; needs gcsfs).\n"
+               "SIGTERM (preemption) or Ctrl-C: the run saves a checkpoint after the current\n"
+               "step and exits (status 143 / 130); the same command resumes it. A second\n"
+               "Ctrl-C quits without saving. Exit status 2: bad input (one 'error:' line).")
+    ap.add_argument("--config", required=True, metavar="FILE",
+                    help="run configuration, a configs/*.py file (required)")
+    ap.add_argument("--workdir", default=None, metavar="DIR_OR_URL",
+                    help="where checkpoints, metrics.jsonl, tb/ and export/ go; a run resumes "
+                         "from its newest checkpoint (default: workdirs/<config file name>)")
+    ap.add_argument("--init-from", default=None, metavar="DIR_OR_URL",
+                    help="converted checkpoint (convert_weights.py) to start from (default: the "
+                         "config's init_from)")
     ap.add_argument("--export-only", action="store_true",
-                    help="export the newest checkpoint of the workdir to WORKDIR/export and exit")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+                    help="export the newest checkpoint of the workdir to WORKDIR/export and exit "
+                         "(default: train)")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="log one line per step instead of a progress bar (default: a bar)")
     args, rest = ap.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -59,23 +72,36 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir or Path("workdirs") / Path(args.config).stem)
+    # A bucket URL (gs://...) stays a URL: never Path() it into a local "gs:/" folder.
+    workdir = args.workdir or str(Path("workdirs") / Path(args.config).stem)
     from dynllava_jax.trainer import Trainer
     from dynllava_jax.data.pipeline import DataError
     try:
         trainer = Trainer(config, workdir, init_from=args.init_from,
                           progress=not args.no_progress, export_only=args.export_only)
-        if args.export_only:
-            if trainer.ckpt.latest_step() is None:
-                print(f"error: no checkpoint in {workdir}/checkpoints", file=sys.stderr)
-                return 2
-            print(f"exported {trainer.export(workdir / 'export')}")
-            return 0
-        last = trainer.run()
-        trainer.close()
+        try:
+            if args.export_only:
+                if trainer.ckpt.latest_step() is None:
+                    print(f"error: no checkpoint in {workdir}/checkpoints", file=sys.stderr)
+                    return 2
+                print(f"exported {trainer.export(trainer.workdir / 'export')}")
+                return 0
+            last = trainer.run()
+        finally:
+            trainer.close()  # releases WORKDIR/.lock
     except (FileNotFoundError, ValueError, CheckpointDirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the loop, or a second one while stopping
+        print("error: interrupted: nothing saved now; run the same command to resume from "
+              "the last checkpoint", file=sys.stderr)
+        return 130
+    if trainer.stopped:
+        from dynllava_jax.preemption import EXIT_CODES
+        print(f"stopped by {trainer.stopped} after step {trainer.step}: checkpoint saved in "
+              f"{trainer.ckpt.directory}/{trainer.step}; run the same command to resume",
+              file=sys.stderr)
+        return EXIT_CODES[trainer.stopped]
     if last:
         print(f"done: step {trainer.step}, loss {last['loss']:.4f}, workdir {workdir}")
     return 0

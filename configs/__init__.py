@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 1
     c.train.remat = "full"             # none | full | dots | dots_no_batch
     c.train.data = "pipeline"          # pipeline | random (in-memory, for benchmarks)
+    # Resuming with another total step count changes the lr/tau schedules mid-run: refused
+    # unless this is true (WORKDIR/run.json records the total the run started with).
+    c.train.allow_schedule_change = False
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
@@ -76,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True
     c.checkpoint.export = True         # WORKDIR/export at the end
+    # WORKDIR/.lock: a lock whose heartbeat is older than this (seconds) is a dead run's.
+    c.checkpoint.lock_stale_after_s = 600.0
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""     # host:port; empty = auto-detect (see sharding.py)

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from . import checksums
+from . import checksums, paths
 from .config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,28 +40,50 @@ def save_converted(dst: str | Path, params: Any, cfg: ModelConfig, preprocessor:
                    source_config: Optional[dict] = None, unused: Optional[dict] = None) -> Path:
     """`source_config` / `unused` (name -> array) are what an export restores; where they are
     not given, the files of a converted `tokenizer_dir` (a training run's init) are copied."""
-    dst = Path(dst).absolute()
-    check_dst(dst, force)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_tmp_dir(dst)
+    url = paths.is_url(dst)
+    if url:  # a bucket: no mkdtemp; a unique sibling name instead
+        dst = paths.as_path(dst)
+        if dst.exists() and not force:
+            raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = paths.temp_sibling(dst)
+        tmp.mkdir(parents=True)
+    else:
+        dst = Path(dst).absolute()
+        check_dst(dst, force)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_tmp_dir(dst)
     try:
         save_params(tmp / "params", params)
         checksums.write(tmp, params)
         cfg.save(tmp / "model_config.json")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
         if tokenizer_dir is not None:
+            src = paths.as_path(tokenizer_dir)
             given = {SOURCE_CONFIG: source_config is not None, UNUSED_TENSORS: bool(unused)}
             for name in TOKENIZER_FILES + tuple(k for k, v in given.items() if not v):
-                if (Path(tokenizer_dir) / name).exists():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+                if (src / name).exists():
+                    if url or paths.is_url(src):
+                        (src / name).copy(paths.as_path(tmp / name), overwrite=True)
+                    else:
+                        shutil.copy2(src / name, tmp / name)
         if source_config is not None:
             (tmp / SOURCE_CONFIG).write_text(json.dumps(source_config, indent=2) + "\n")
         if unused:
             from .checkpoint_io import write_safetensors
-            write_safetensors(tmp / UNUSED_TENSORS, unused)
+            if url:  # the writer needs a local file: write one, then copy it up
+                with tempfile.TemporaryDirectory() as loc:
+                    write_safetensors(Path(loc) / UNUSED_TENSORS, unused)
+                    paths.as_path(Path(loc) / UNUSED_TENSORS).copy(tmp / UNUSED_TENSORS)
+            else:
+                write_safetensors(tmp / UNUSED_TENSORS, unused)
         replace_dir(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if url:
+            if tmp.exists():
+                tmp.rmtree()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
 
@@ -104,6 +126,8 @@ def replace_dir(tmp: Path, dst: Path) -> None:
 
     The old directory is moved aside under a fresh hidden name, so a `DST.old` left by
     anything else is neither in the way nor deleted."""
+    if paths.is_url(dst):
+        return paths.replace_dir(tmp, dst)
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(dst, old)
@@ -153,7 +177,10 @@ def save_params(path: Path, params: Any) -> None:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    path = Path(path)
+    path = paths.as_path(path)
+    if not path.exists():
+        raise CheckpointDirError(f"{path} does not exist (expected a converted checkpoint "
+                                 "directory, written by convert_weights.py)")
     if not (path / "model_config.json").exists():
         raise CheckpointDirError(
             f"{path} is not a converted checkpoint (no model_config.json); convert it with convert_weights.py")
@@ -181,7 +208,7 @@ def check_params_match(cfg: ModelConfig, shapes: dict, path: Path) -> None:
 def load_params(path: str | Path, target: Any = None) -> Any:
     """Restore params; `target` (a pytree of jax.ShapeDtypeStruct with shardings) places them."""
     import orbax.checkpoint as ocp
-    path = Path(path).absolute() / "params"
+    path = paths.as_path(path) / "params"
     if not path.exists():
         raise CheckpointDirError(f"{path.parent} has no params/ directory")
     ckptr = ocp.StandardCheckpointer()
@@ -194,7 +221,7 @@ def checkpoint_shapes(path: str | Path) -> dict:
     """Nested dict of ShapeDtypeStructs from an Orbax checkpoint's metadata (nothing loaded)."""
     import jax
     import orbax.checkpoint as ocp
-    meta = ocp.StandardCheckpointer().metadata(Path(path).absolute())
+    meta = ocp.StandardCheckpointer().metadata(paths.as_path(path))
     meta = getattr(meta, "item_metadata", meta)
     out: dict = {}
     for kp, m in jax.tree_util.tree_leaves_with_path(meta):
@@ -212,16 +239,15 @@ def load_converted(path: str | Path, mesh=None):
     With a `mesh`, every parameter is restored straight into the sharding the training table
     gives it (`sharding.param_shardings`): no device ever holds the whole model."""
     cfg = load_config(path)
-    if not (Path(path) / "params").exists():
+    path = paths.as_path(path)
+    if not (path / "params").exists():
         raise CheckpointDirError(f"{path} has no params/ directory")
-    shapes = checkpoint_shapes(Path(path) / "params")
-    check_params_match(cfg, shapes, Path(path))
+    shapes = checkpoint_shapes(path / "params")
+    check_params_match(cfg, shapes, path)
     if mesh is None:
-        params = load_params(path)
-    else:
-        import jax
-        from .sharding import param_shardings
-        target = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                        shapes, param_shardings(shapes, mesh))
-        params = load_params(path, target)
-    return cfg, params
+        return cfg, load_params(path)
+    import jax
+    from .sharding import param_shardings
+    target = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                    shapes, param_shardings(shapes, mesh))
+    return cfg, load_params(path, target)

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .paths import as_path
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -177,13 +179,13 @@ class ModelConfig:
         return self
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        as_path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
         """Read `path`; a `ConfigError` names the file and the bad field."""
         try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            d = json.loads(as_path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
         try:

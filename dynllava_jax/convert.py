@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from . import paths
 from .checkpoint_io import CheckpointError, iter_tensors, tensor_names, weight_files
 from .config import ConfigError, LLMConfig, ModelConfig, SparseConfig, VisionConfig, check_type
 
@@ -545,13 +546,18 @@ def convert(src: str | Path, dst: str | Path, vision_tower: Optional[str | Path]
     import ml_dtypes
     from tqdm import tqdm
     from . import checksums
-    from .checkpoint import check_disjoint, check_dst, save_converted
+    from .checkpoint import CheckpointDirError, check_disjoint, check_dst, save_converted
 
     if dtype not in ("float32", "bfloat16"):
         raise CheckpointError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
-    dst = Path(dst)
+    url = paths.is_url(dst)
+    dst = paths.as_path(dst) if url else Path(dst)  # a bucket URL stays one
     check_disjoint(dst, {"--src": src, "--vision-tower": vision_tower})
-    check_dst(dst.absolute(), force)
+    if url:
+        if dst.exists() and not force:
+            raise CheckpointDirError(f"{dst} exists; pass --force to replace it")
+    else:
+        check_dst(dst.absolute(), force)
     source = read_source(Path(src), Path(vision_tower) if vision_tower else None)
     tokenizer_note = check_tokenizer(source.tokenizer_dir)
     cfg = source.config.replace(dtype="bfloat16" if dtype == "bfloat16" else "float32",

@@ -27,12 +27,13 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from . import checksums
+from . import checksums, paths
 from .checkpoint import (SOURCE_CONFIG, TOKENIZER_FILES, UNUSED_TENSORS, CheckpointDirError, check_disjoint,
                          check_dst, load_config, make_tmp_dir, replace_dir)
 from .checkpoint_io import CheckpointError, SafetensorsWriter, iter_tensors, tensor_names
@@ -374,6 +375,17 @@ def export(src: str | Path, dst: str | Path, fmt: str, dtype: Optional[str] = No
     before anything is written. `info`, when given, is filled with a summary."""
     from tqdm import tqdm
 
+    if paths.is_url(dst):  # a bucket: write locally, then upload (the writers need files)
+        url = paths.check_usable(dst, "--dst")
+        if url.exists() and not force:
+            raise CheckpointDirError(f"{url} exists; pass --force to replace it")
+        with tempfile.TemporaryDirectory(prefix="dynllava-export-") as loc:
+            export(src, Path(loc) / url.name, fmt, dtype, max_shard_size, dense_only, True,
+                   progress, info)
+            paths.upload_dir(Path(loc) / url.name, url)
+        if info is not None:
+            info["dst"] = str(url)
+        return url
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown --format {fmt!r}: choose original or llava-hf")
     if dtype is not None and dtype not in DTYPES:

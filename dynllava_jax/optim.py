@@ -53,6 +53,8 @@ def make_schedule(peak_lr: float, total_steps: int, warmup_ratio: float = 0.03,
     total_steps = max(int(total_steps), 1)
     warm = warmup_steps(total_steps, warmup_ratio)
     if kind == "cosine":
+        if warm >= total_steps:  # all warm-up (total_steps=1): optax needs a decay phase
+            return optax.linear_schedule(0.0, peak_lr, max(warm, 1))
         return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warm, total_steps, 0.0)
     if kind == "linear":
         return optax.join_schedules(

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,14 +35,21 @@ import optax
 from . import model as M
 from . import objective as O
 from . import optim
+from . import paths
 from . import sharding as S
-from .checkpoint import checkpoint_shapes
+from .checkpoint import CheckpointDirError, checkpoint_shapes
 from .config import ModelConfig, preset as model_preset
-from .train_checkpoint import TrainCheckpointer, abstract_like, export_converted
+from .preemption import StopSignals
+from .workdir_lock import WorkdirLock
+from .train_checkpoint import (CheckpointCorrupt, TrainCheckpointer, abstract_like,
+                               export_converted)
 
 log = logging.getLogger("dynllava_jax.trainer")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TINY = REPO_ROOT / "assets" / "tiny-dynamic-llava"
+# What the data pipeline reads from the assets dir (copied locally when it is a URL).
+ASSET_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.json", "added_tokens.json", "preprocessor_config.json")
 
 
 # -- state ------------------------------------------------------------------------------
@@ -247,13 +255,34 @@ class SyntheticBatches:
 _STEP_CACHE: dict = {}
 
 
+def clean_stale_temporaries(workdir) -> None:
+    """Remove what a run killed during its export left in the workdir (the lock is held,
+    so nothing else is writing): `.export.tmp-*` folders, and `export.old` (put back as
+    `export` when the kill came between the two renames of `replace_dir`)."""
+    wd = paths.as_path(workdir)
+    for tmp in wd.glob(".export.tmp-*"):
+        log.warning("removing %s, left by an export that did not finish", tmp)
+        tmp.rmtree()
+    old, export = wd / "export.old", wd / "export"
+    if old.exists():
+        if export.exists():
+            log.warning("removing %s, left by an export that did not finish", old)
+            old.rmtree()
+        else:
+            log.warning("restoring %s from %s (an export was interrupted)", export, old)
+            old.rename(export)
+
+
 def _frozen_items(cd) -> tuple:
     d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
     return tuple(sorted((k, repr(v)) for k, v in d.items()))
 
 
-def resolve_path(p: str) -> Path:
-    """A path as given, else relative to the repository root (configs name assets/...)."""
+def resolve_path(p: str, what: str = "init_from"):
+    """A path as given, else relative to the repository root (configs name assets/...);
+    a URL (gs://...) as an epath.Path."""
+    if paths.is_url(p):
+        return paths.check_usable(p, what)
     path = Path(p).expanduser()
     if path.exists() or path.is_absolute():
         return path
@@ -262,49 +291,86 @@ def resolve_path(p: str) -> Path:
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard (tensorboardX) in the workdir; host 0 only."""
+    """metrics.jsonl + TensorBoard (tensorboardX) in the workdir; host 0 only.
 
-    def __init__(self, workdir: Path, resume_step: int = 0):
+    Local files are appended to. On a bucket (no appends) the file is rewritten whole,
+    at most every `flush_every_s` seconds and at `close`; TensorBoard events likewise
+    (`tb_events.register`).
+    """
+
+    def __init__(self, workdir, resume_step: int = 0, flush_every_s: float = 30.0):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = paths.as_path(workdir) / "metrics.jsonl"
+        self.remote = paths.is_url(self.path)
+        self.flush_every_s, self._flushed = flush_every_s, time.monotonic()
+        self.rows: list[str] = []
         self.tb = None
         if not self.enabled:
             return
         if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            self.rows = [json.dumps(r) for r in _read_rows(self.path)
+                         if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in self.rows))
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+            from .tb_events import register
+            register()
+            self.tb = SummaryWriter(os.fspath(paths.as_path(workdir) / "tb"))
         except Exception as e:  # pragma: no cover
             log.warning("TensorBoard disabled: %s", e)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
+        self.rows.append(row)
+        if not self.remote:
+            with self.path.open("a") as f:
+                f.write(row + "\n")
+        elif time.monotonic() - self._flushed >= self.flush_every_s:
+            self.flush()
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"train/{k}", float(v), int(step))
 
-    def close(self) -> None:
+    def flush(self) -> None:
+        if self.enabled and self.remote:
+            self.path.write_text("".join(ln + "\n" for ln in self.rows))
+            self._flushed = time.monotonic()
         if self.tb is not None:
             self.tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb is not None:
             self.tb.close()
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
+def _read_rows(path) -> list[dict]:
+    """The JSON rows of a metrics.jsonl. A torn last line (a kill or power loss mid-write)
+    is dropped with a warning; a bad line elsewhere is an error naming the file and line."""
+    lines = paths.as_path(path).read_text().splitlines()
+    rows = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            r = json.loads(ln)
+            if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                raise ValueError("not a row with an integer 'step'")
+        except ValueError as e:
+            if all(not x.strip() for x in lines[i + 1:]):
+                log.warning("%s: dropping a torn last line (%d bytes): %s", path, len(ln), e)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row: {e}") from None
+        rows.append(r)
+    return rows
+
+
+def read_metrics(workdir) -> list[dict]:
     """The rows of WORKDIR/metrics.jsonl (the last row per step wins)."""
-    rows = {}
-    path = Path(workdir) / "metrics.jsonl"
-    if path.exists():
-        for ln in path.read_text().splitlines():
-            if ln.strip():
-                r = json.loads(ln)
-                rows[r["step"]] = r
+    path = paths.as_path(workdir) / "metrics.jsonl"
+    rows = {r["step"]: r for r in _read_rows(path)} if path.exists() else {}
     return [rows[k] for k in sorted(rows)]
 
 
@@ -327,11 +393,25 @@ class Trainer:
         """`export_only`: no data pipeline (a checkpoint written by any number of hosts can
         then be restored and exported on one)."""
         self.config = config
-        self.workdir = Path(workdir).absolute()
+        self.workdir = paths.check_usable(workdir, "--workdir")  # local or a bucket URL
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         dc = config.distributed
         S.maybe_initialize_distributed(dc.coordinator, dc.num_processes, dc.process_id)
+        self.ckpt, self.stopped = None, None
+        self.lock = WorkdirLock(self.workdir,
+                                float(config.checkpoint.get("lock_stale_after_s", 600))).acquire()
+        try:
+            self._setup(config, init_from, export_only)
+        except BaseException:
+            if self.ckpt is not None:
+                self.ckpt.close()
+            self.lock.release()
+            raise
+
+    def _setup(self, config, init_from, export_only):
+        if jax.process_index() == 0:
+            clean_stale_temporaries(self.workdir)
         if init_from:
             config.init_from = init_from
         self.mesh = S.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -363,6 +443,8 @@ class Trainer:
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
                                       ck.async_save)
+        if not export_only:
+            self._check_schedule()
         self._init_state()
         self._compile_step()
 
@@ -376,11 +458,13 @@ class Trainer:
         if c.init_from == "random":
             cfg = model_preset(c.model_preset)
             self.init_dir = None
-            self.assets_dir = resolve_path(c.assets_dir) if c.assets_dir else DEFAULT_TINY
+            self.assets_dir = (resolve_path(c.assets_dir, "assets_dir") if c.assets_dir
+                               else DEFAULT_TINY)
         else:
             self.init_dir = resolve_path(c.init_from)
             cfg = load_config(self.init_dir)
-            self.assets_dir = resolve_path(c.assets_dir) if c.assets_dir else self.init_dir
+            self.assets_dir = (resolve_path(c.assets_dir, "assets_dir") if c.assets_dir
+                               else self.init_dir)
         self.export_cfg_base = cfg
         sp = {k: v for k, v in c.sparse.to_dict().items()}
         cfg = cfg.replace_sparse(enabled=True, **sp)
@@ -447,7 +531,15 @@ class Trainer:
                 raise ValueError("no data: set data.json_path (or data.source=tfds), or "
                                  "synthetic.n > 0 for a generated dataset")
             out = self.workdir / "data"
-            if not (out / "data.json").exists() and jax.process_index() == 0:
+            writer = jax.process_index() == 0
+            if paths.is_url(out):
+                # The pipeline reads local files: a bucket workdir gets the (deterministic)
+                # generated set in a local cache, written by every host for itself.
+                out = paths.cache_dir("synthetic") / (
+                    f"n{int(c.synthetic.n)}-seed{int(c.synthetic.seed)}-"
+                    f"px{cfg.vision.image_size}")
+                writer = True
+            if not (out / "data.json").exists() and writer:
                 from .data.synthetic import write_synthetic_dataset
                 write_synthetic_dataset(out, int(c.synthetic.n), int(c.synthetic.seed),
                                         cfg.vision.image_size)
@@ -456,8 +548,9 @@ class Trainer:
                 multihost_utils.sync_global_devices("synthetic data written")
             dc.json_path = str(out / "data.json")
             dc.image_folder = str(out)
-        tok = LlavaTokenizer.from_dir(self.assets_dir)
-        ip = ImageProcessor.from_dir(self.assets_dir)
+        local_assets = paths.local_copy(self.assets_dir, ASSET_FILES)
+        tok = LlavaTokenizer.from_dir(local_assets)
+        ip = ImageProcessor.from_dir(local_assets)
         source = make_source(dc)  # parsed once (mix665k's JSON takes seconds)
         num_records = len(source)
         if dc.get("requires_image", False):
@@ -482,6 +575,32 @@ class Trainer:
         steps = int(math.floor(num_records * float(tc.num_epochs) / self.global_batch))
         return max(steps, 1)
 
+    def _check_schedule(self) -> None:
+        """The schedules (lr, tau) are functions of total_steps: a resumed run that asks for
+        another total would change them mid-run. WORKDIR/run.json records the first one."""
+        rec_path = self.workdir / "run.json"
+        rec = None
+        if rec_path.exists() and self.ckpt.latest_step() is not None:
+            try:
+                rec = json.loads(rec_path.read_text())
+                old = int(rec["total_steps"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{rec_path} is not a valid run record ({e}); delete it to "
+                                 "record this run's schedule afresh") from None
+            if old != self.total_steps:
+                if not self.config.train.get("allow_schedule_change", False):
+                    raise ValueError(
+                        f"{self.workdir} was started with {old} total steps and this run asks "
+                        f"for {self.total_steps} (train.total_steps / num_epochs): the lr and "
+                        "tau schedules would be recomputed mid-run. Train further in a new "
+                        "--workdir with --init-from WORKDIR/export, or pass "
+                        "--config.train.allow_schedule_change=true")
+                log.warning("total steps %d -> %d: the lr and tau schedules change from the "
+                            "resumed step on (train.allow_schedule_change)", old, self.total_steps)
+                rec = None
+        if rec is None and jax.process_index() == 0:
+            rec_path.write_text(json.dumps({"total_steps": self.total_steps}) + "\n")
+
     def _groups(self, params) -> tuple:
         oc = self.config.optim
         return optim.trainable_groups(params, train_projector=oc.train_projector,
@@ -496,12 +615,9 @@ class Trainer:
             step=jnp.zeros((), jnp.int32), params=p, frozen=f, opt_state=self.tx.init(p),
             rng=jnp.zeros((2,), jnp.uint32)), tr, fr)
         self.shardings = state_shardings(abstract, self.mesh)
-        latest = self.ckpt.latest_step()
-        if latest is not None:
-            target = abstract_like(abstract, self.shardings)
-            self.state = self.ckpt.restore(latest, target, self.iterator)
-            self.start_step = int(latest)
-            log.info("resumed from step %d", latest)
+        steps = self.ckpt.all_steps()
+        if steps:
+            self.state = self._restore_newest_intact(steps, abstract_like(abstract, self.shardings))
             return
         sh = self.shardings
         params = self._load_params(abstract_params, optim.merge_params(sh.params, sh.frozen))
@@ -511,6 +627,27 @@ class Trainer:
                                 params=trainable, frozen=frozen, opt_state=opt_state,
                                 rng=jax.device_put(rng, sh.rng))
         self.start_step = 0
+
+    def _restore_newest_intact(self, steps, target):
+        """Restore the newest checkpoint that reads back whole; an unusable newer one is
+        set aside (`<step>.corrupt`) with a warning naming it and why."""
+        problems = []
+        for step in sorted(steps, reverse=True):
+            try:
+                state = self.ckpt.restore(step, target, self.iterator)
+            except CheckpointCorrupt as e:
+                problems.append(str(e))
+                continue
+            for bad, why in zip(sorted(steps, reverse=True), problems):
+                moved = self.ckpt.set_aside(bad)
+                log.warning("checkpoint %d skipped (%s); moved to %s; resuming from step %d",
+                            bad, why, moved, step)
+            self.start_step = int(step)
+            log.info("resumed from step %d", step)
+            return state
+        raise CheckpointDirError(
+            f"no intact checkpoint in {self.ckpt.directory}: " + "; ".join(problems)
+            + " (move the checkpoints away to start from step 0)")
 
     def _compile_step(self):
         key = (self.cfg, self.step_config, _frozen_items(self.config.optim), self.groups,
@@ -549,7 +686,10 @@ class Trainer:
                        dynamic_ncols=True)
         log_every = max(int(c.train.log_every), 1)
         t_last, tokens_acc, steps_acc = time.perf_counter(), 0.0, 0
+        self.stopped = None
+        signals = StopSignals()
         try:
+            signals.__enter__()
             while step < end:
                 try:
                     host = next(self.iterator)
@@ -582,16 +722,23 @@ class Trainer:
                     bar.update(1)
                     if last:
                         bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}")
+                self.stopped = signals.should_stop()  # every host, at this step boundary
+                if self.stopped:
+                    if saved != step:
+                        self.ckpt.save(step, self.state, self.iterator, force=True)
+                        saved = step
+                    break
             if step >= self.total_steps and saved != step:
                 self.ckpt.save(step, self.state, self.iterator, force=True)
             self.ckpt.wait()
         finally:
+            signals.__exit__()
             self.ckpt.wait()  # never leave a save half-written behind an exception
             if bar is not None:
                 bar.close()
             writer.close()
         self.step = step
-        if step >= self.total_steps and c.checkpoint.export:
+        if step >= self.total_steps and c.checkpoint.export and not self.stopped:
             self.export(self.workdir / "export")  # every host gathers; process 0 writes
         return last
 
@@ -602,4 +749,7 @@ class Trainer:
         return export_converted(dst, params, self.export_cfg, self.assets_dir)
 
     def close(self):
-        self.ckpt.close()
+        try:
+            self.ckpt.close()
+        finally:
+            self.lock.release()

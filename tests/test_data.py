@@ -274,3 +274,17 @@ def test_epoch_of_image_records_is_counted(synthetic_llava_data):
     with_image = sum(1 for r in records if r.get("image"))
     assert 0 < with_image < len(records)
     assert JsonRecords(synthetic_llava_data.json_path).num_with_image == with_image
+
+
+def test_tfds_builder_refuses_a_wrong_image_folder(syn, tmp_path, caplog):
+    """Most images missing (a wrong --image-folder) is refused and writes nothing; a few
+    missing are warned about (the fixture's one bad record)."""
+    from dynllava_jax.data import tfds_builder
+    (tmp_path / "wrong").mkdir()
+    with pytest.raises(tfds_builder.TooManyMissingImages, match=r"missing under --image-folder"):
+        tfds_builder.build_tfds(syn.json_path, tmp_path / "wrong", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "llava_instruct").exists()
+    assert tfds_builder.main(["--json", str(syn.json_path), "--image-folder", str(tmp_path / "wrong"),
+                              "--data-dir", str(tmp_path / "out"), "--max-missing-images", "1"]) == 0
+    assert any("of the" in r.getMessage() and "are missing under" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")

@@ -152,6 +152,7 @@ def test_train_cli_reports_bad_input(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "missing does not exist" in proc.stderr  # not "not a converted checkpoint"
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_run.py"),
          "--config.optim.nope=1"], capture_output=True, text=True, timeout=300, cwd=REPO)

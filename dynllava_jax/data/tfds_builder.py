@@ -57,6 +57,18 @@ DEFAULT_NAME = "llava_instruct"
 _READ_CHUNK = 256  # image files read ahead (by a thread pool) while writing
 
 
+class TooManyMissingImages(ValueError):
+    """Most image files are absent: almost always a wrong --image-folder."""
+
+
+def _check_missing(missing: int, with_image: int, limit: float, folder, example) -> None:
+    if with_image and missing / with_image > limit:
+        raise TooManyMissingImages(
+            f"{missing} of the {with_image} images read so far are missing under "
+            f"--image-folder {folder} (e.g. {example}): is it the folder the JSON's image "
+            f"paths are relative to? (--max-missing-images {limit:g} is the fraction allowed)")
+
+
 class LlavaInstruct(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """LLaVA instruction data (``llava_v1_5_mix665k`` format): JSON records + encoded images."""
 
@@ -72,13 +84,16 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, json_path: str | os.PathLike | None = None,
                  image_folder: str | os.PathLike | None = None, num_threads: int = 16,
-                 progress: bool = True, **kwargs):
+                 progress: bool = True, max_missing_images: float = 0.5, **kwargs):
         self._json_path = None if json_path is None else str(json_path)
         self._image_folder = None if image_folder is None else str(image_folder)
         self._num_threads = num_threads
         self._progress = progress
         self.num_written = 0
         self.num_missing_images = 0
+        self.num_with_image = 0
+        self._example = None  # the first missing image's path, for the error message
+        self._max_missing = float(max_missing_images)
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
@@ -126,6 +141,9 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 raws = [records[i] for i in range(start, min(start + _READ_CHUNK, len(records)))]
                 images = pool.map(self._read_image, raws)
                 for i, (raw, image) in enumerate(zip(raws, images), start):
+                    self.num_with_image += raw.image is not None
+                    if image is None and self._example is None:
+                        self._example = Path(self._image_folder or "") / raw.image
                     if image is None:
                         self.num_missing_images += 1
                         if self.num_missing_images <= 10:
@@ -143,6 +161,13 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         "image": image or b"",
                         "conversations": json.dumps(raw.conversations, ensure_ascii=False),
                     }
+                # Refuse early (before packing 665k records for nothing), and at the end.
+                try:
+                    _check_missing(self.num_missing_images, self.num_with_image,
+                                   self._max_missing, self._image_folder, self._example)
+                except TooManyMissingImages:
+                    bar.close()  # the error then starts a line of its own
+                    raise
         bar.close()
         self.info.metadata.update({
             "source_json": self._json_path, "image_folder": self._image_folder,
@@ -151,19 +176,24 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def build_tfds(json_path: str | os.PathLike, image_folder: str | os.PathLike,
                data_dir: str | os.PathLike, *, overwrite: bool = False, num_threads: int = 16,
-               progress: bool = True) -> Path:
+               progress: bool = True, max_missing_images: float = 0.5) -> Path:
     """Pack ``json_path`` + the images under ``image_folder`` into ArrayRecord shards.
 
     Returns the dataset directory ``data_dir/llava_instruct/1.0.0``. An existing
-    complete dataset there is reused unless ``overwrite``.
+    complete dataset there is reused unless ``overwrite``. More than
+    ``max_missing_images`` (a fraction) of the image files missing raises
+    `TooManyMissingImages` and writes nothing; fewer are warned about.
     """
+    if not 0.0 <= float(max_missing_images) <= 1.0:
+        raise ValueError(f"--max-missing-images must be a fraction in [0, 1], not {max_missing_images}")
     json_path, image_folder = Path(json_path), Path(image_folder)
     if not json_path.is_file():
         raise FileNotFoundError(f"LLaVA JSON file not found: {json_path}")
     if not image_folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_folder}")
     builder = LlavaInstruct(json_path=json_path, image_folder=image_folder, data_dir=str(data_dir),
-                            num_threads=num_threads, progress=progress)
+                            num_threads=num_threads, progress=progress,
+                            max_missing_images=max_missing_images)
     out = Path(builder.data_dir)
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
@@ -176,10 +206,21 @@ def build_tfds(json_path: str | os.PathLike, image_folder: str | os.PathLike,
             builder.download_and_prepare(
                 download_dir=downloads,
                 download_config=tfds.download.DownloadConfig(download_mode=mode))
+    except TooManyMissingImages:
+        name_dir = Path(data_dir) / DEFAULT_NAME
+        if name_dir.is_dir() and not any(name_dir.iterdir()):
+            name_dir.rmdir()  # tfds removed its temporary files; leave no empty dataset
+        raise
     finally:
         tfds.display_progress_bar(True)
     logger.info("wrote %d records (%d with a missing image) to %s",
                 builder.num_written, builder.num_missing_images, out)
+    if builder.num_missing_images:
+        logger.warning("%d of the %d images (%.1f%%) are missing under %s: those records are "
+                       "skipped when training", builder.num_missing_images,
+                       builder.num_with_image,
+                       100.0 * builder.num_missing_images / max(builder.num_with_image, 1),
+                       image_folder)
     return out
 
 
@@ -218,7 +259,8 @@ class TfdsRecords(Sequence[RawRecord]):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dynllava_jax.data.tfds_builder",
-        description="Pack a LLaVA instruction JSON and its images into TFDS ArrayRecord shards.")
+        description="Pack a LLaVA instruction JSON and its images into TFDS ArrayRecord shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--json", required=True,
                         help="LLaVA JSON file (e.g. llava_v1_5_mix665k.json)")
     parser.add_argument("--image-folder", required=True,
@@ -226,11 +268,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
     parser.add_argument("--threads", type=int, default=16, help="threads reading image files")
+    parser.add_argument("--max-missing-images", type=float, default=0.5, metavar="FRACTION",
+                        help="refuse (and write nothing) when more than this fraction of the "
+                             "records' image files is missing: usually a wrong --image-folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = build_tfds(args.json, args.image_folder, args.data_dir, overwrite=args.overwrite,
-                         num_threads=args.threads)
+                         num_threads=args.threads, max_missing_images=args.max_missing_images)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
