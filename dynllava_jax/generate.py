@@ -14,6 +14,9 @@
   one compiled loop per bucket, not per step.
 Every sequence is exact on its own: lengths and decisions are per sequence, unused slots
 masked, so a batch equals its sequences run one by one.
+With a mesh (`generate(..., mesh=)`, params from `shard_inference_params`) the same code runs
+SPMD: the batch split over ('data', 'fsdp'), the KV caches also on kv heads over 'tensor'
+(`sharding.constrain_caches`), each process passing and getting back its own rows.
 """
 
 from __future__ import annotations

@@ -65,3 +65,9 @@ class SimulatedDevices:
 @pytest.fixture(scope="session")
 def eight_cpu_devices() -> SimulatedDevices:
     return SimulatedDevices(8)
+
+
+@pytest.fixture(scope="session")
+def simulated_devices():
+    """`SimulatedDevices` itself: `simulated_devices(2).env` for processes of 2 devices each."""
+    return SimulatedDevices

@@ -1,7 +1,7 @@
 """Sharded inference on 8 simulated CPU devices (conftest's `eight_cpu_devices`): the same
 answers as one device on 4x2 (data x tensor) and 8x1 meshes, dense and dynamic, KV cache
 and no cache; parameters restored straight into their shardings; KV caches sharded on
-batch and kv heads; the CLI's --mesh.
+batch and kv heads; the CLI's --mesh, in one process and in a two-process job.
 
 The bundled tiny checkpoint has 2 kv heads, so its tensor-parallel mesh is data=4,tensor=2
 and data=2,tensor=4 is the error case; the 2x4 table is checked on 7B shapes (abstract).
@@ -199,6 +199,35 @@ def test_cli_mesh(result, eight_cpu_devices):
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("error: --mesh data=2,tensor=4: tensor=4 does not divide the "
                                   "model's 2 kv heads; choose a tensor size that divides 2")
+
+
+def test_two_processes_answer_their_own_questions(result, simulated_devices):
+    """A two-process job (jax.distributed over loopback, 2 CPU devices each, data=2,tensor=2):
+    each process passes its own question (one with an image, one without, so the global
+    batch mixes them) and gets the one-device answer to it."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(simulated_devices(2).env, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    questions = [["--image", IMG, "--prompt", "What is in the image?"], ["--prompt", "Hi there"]]
+    procs = [subprocess.Popen(
+        [sys.executable, str(REPO / "infer.py"), "--mesh", "data=2,tensor=2", "--max-new-tokens",
+         str(N_NEW), "--json", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i), *q], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i, q in enumerate(questions)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    ref = result["one_device"]["dynamic-True"]
+    for i, (stdout, _) in enumerate(outs):
+        # gloo's C++ code prints its connection notes on stdout too
+        ans = json.loads([ln for ln in stdout.splitlines() if ln.startswith("{")][-1])
+        assert ans["token_ids"] == ref[i]["token_ids"], i
+        assert ans["kept_image_indices"] == ref[i]["kept_image_indices"], i
 
 
 class _Dev:  # parse_mesh only counts devices before it builds the mesh
