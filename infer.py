@@ -4,6 +4,8 @@
 One question:   python infer.py --image IMG --prompt "What is in the image?" [--json]
 LLaVA eval:     python infer.py --questions Q.jsonl --image-folder DIR --answers-file A.jsonl
                 [--num-chunks N --chunk-idx K]   (resumable; bad questions skipped and named)
+Sharded:        python infer.py --mesh data=2,tensor=4 ...   (multi-process: + --coordinator
+                HOST:PORT --num-processes N --process-id K, or nothing on a TPU pod)
 Without --checkpoint it runs the bundled tiny *random* checkpoint (assets/tiny-dynamic-llava):
 its answers are gibberish by design; it exists to exercise the code.
 """
@@ -47,6 +49,12 @@ def parse_args(argv=None):
                    help="keep compiled programs here across runs (default: %(default)s; "
                         "$DYNLLAVA_JAX_COMPILE_CACHE sets it, 'off' turns it off)")
     p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (axes data, fsdp, tensor; "
+                                  "default: every device on data); tensor must divide the kv heads")
+    p.add_argument("--coordinator", help="multi-process job: the coordinator's HOST:PORT "
+                                         "(not needed where jax finds it, e.g. TPU pods, SLURM)")
+    p.add_argument("--num-processes", type=int, help="multi-process job: how many processes")
+    p.add_argument("--process-id", type=int, help="multi-process job: this process's index")
     return p.parse_args(argv)
 
 
@@ -80,6 +88,10 @@ def validate(a) -> str | None:
         return "--chunk-idx must be in [0, --num-chunks)"
     if (a.num_chunks > 1 or a.chunk_idx) and a.questions is None:
         return "--num-chunks/--chunk-idx split a --questions file"
+    if a.num_processes is not None and a.num_processes < 1:
+        return "--num-processes must be at least 1"
+    if a.process_id is not None and not 0 <= a.process_id < (a.num_processes or 1):
+        return "--process-id must be in [0, --num-processes)"
     return None
 
 
@@ -98,7 +110,13 @@ def main(argv=None) -> int:
         fail(f"questions file not found: {a.questions}")
 
     enable_compile_cache(None if a.no_compile_cache else a.compile_cache)
-    from dynllava_jax.checkpoint import CheckpointDirError
+    from dynllava_jax import sharding
+    try:  # before anything touches the devices
+        sharding.maybe_initialize_distributed(a.coordinator or "", a.num_processes or 0,
+                                              -1 if a.process_id is None else a.process_id)
+    except (RuntimeError, ValueError) as e:
+        fail(f"cannot join the multi-process job (--coordinator/--num-processes/--process-id): {e}")
+    from dynllava_jax.checkpoint import CheckpointDirError, load_config
     from dynllava_jax.generate import GenOptions
     from dynllava_jax.image_processing import ImageLoadError
     from dynllava_jax.inference import DEFAULT_CHECKPOINT, Llava, Request
@@ -110,8 +128,16 @@ def main(argv=None) -> int:
     if (msg := check_paths(a, ckpt)) is not None:
         fail(msg)
     try:
+        kv_heads = load_config(ckpt).llm.num_kv_heads
+    except (CheckpointDirError, OSError, ValueError) as e:
+        fail(f"cannot load checkpoint {ckpt}: {e}")
+    try:
+        mesh = sharding.parse_mesh(a.mesh, kv_heads=kv_heads)
+    except ValueError as e:
+        fail(f"--mesh {a.mesh or '(default)'}: {e}")
+    try:
         with notice(f"loading {ckpt}"):
-            model = Llava(ckpt)
+            model = Llava(ckpt, mesh=mesh)
     except (CheckpointDirError, OSError, ValueError) as e:
         fail(f"cannot load checkpoint {ckpt}: {e}")
     mode = a.mode or ("dynamic" if model.has_predictors else "dense")

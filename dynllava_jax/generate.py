@@ -14,6 +14,9 @@
   one compiled loop per bucket, not per step.
 Every sequence is exact on its own: lengths and decisions are per sequence, unused slots
 masked, so a batch equals its sequences run one by one.
+With a mesh (`generate(..., mesh=)`, params from `shard_inference_params`) the same code runs
+SPMD: the batch split over ('data', 'fsdp'), the KV caches also on kv heads over 'tensor'
+(`sharding.constrain_caches`), each process passing and getting back its own rows.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding
 
 from . import kv_cache
+from . import sharding as S
 from .config import ModelConfig
 from .inputs import Batch, round_up
 from .llama import run_stack, split_layers
@@ -71,10 +76,11 @@ def _layer_split(cfg: ModelConfig) -> int:
 
 def compacted_length(batch: Batch, cfg: ModelConfig, opts: GenOptions) -> int:
     """Static length of the prompt after image pruning (all samples padded to it)."""
-    t = batch.tokens.shape[1]
-    if bool(np.all(batch.image_start >= 0)):
-        return t - (cfg.num_image_tokens - opts.keep_k(cfg))
-    return t
+    return _compacted_length(batch.tokens.shape[1], bool(np.all(batch.image_start >= 0)), cfg, opts)
+
+
+def _compacted_length(t: int, all_have_images: bool, cfg: ModelConfig, opts: GenOptions) -> int:
+    return t - (cfg.num_image_tokens - opts.keep_k(cfg)) if all_have_images else t
 
 
 def _image_keep(params, cfg, opts, h, image_start, t):
@@ -135,8 +141,9 @@ def cache_layout(cfg: ModelConfig, opts: GenOptions, batch: int, prompt_len: int
 
 
 def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
-            opts: GenOptions, compact_len: int):
-    """Prompt pass. Returns (first-token logits [B,V], DecodeState)."""
+            opts: GenOptions, compact_len: int, mesh=None):
+    """Prompt pass. Returns (first-token logits [B,V], DecodeState). With a `mesh`, the
+    caches are sharded on batch and kv heads (`sharding.constrain_caches`)."""
     TRACES["prefill"] += 1
     params = inference_params(params)
     dt = compute_dtype(cfg)
@@ -148,7 +155,7 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     lengths = lengths.astype(jnp.int32)
     layout = cache_layout(cfg, opts, b, t, compact_len)
-    dense_c, sparse_c = layout.init()
+    dense_c, sparse_c = S.constrain_caches(layout.init(), mesh)
     x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, lengths, dense_c)
 
     keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, t)
@@ -156,6 +163,7 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
     xc, posc = gather_tokens(x, idx), gather_tokens(pos, idx)
     count = cvalid.sum(-1).astype(jnp.int32)
     xc, sparse_c = run_stack(post, cfg.llm, dt, xc, posc, count, sparse_c)
+    dense_c, sparse_c = S.constrain_caches((dense_c, sparse_c), mesh)
     logits = lm_logits(params, cfg, _last(xc, count))
     score = jnp.where(jnp.arange(layout.sparse_slots)[None] < count[:, None], jnp.inf, -jnp.inf)
     cap = layout.sparse_slots - opts.prune_text(cfg)
@@ -166,7 +174,7 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
 
 
 def decode_step(params, token_B, state: DecodeState, active_B=None, *, cfg: ModelConfig,
-                opts: GenOptions):
+                opts: GenOptions, mesh=None):
     """Feed one token per sequence through every layer; returns (logits [B,V], state).
 
     Each layer writes one slot of its own cache and attends the first `visible` slots of
@@ -175,7 +183,7 @@ def decode_step(params, token_B, state: DecodeState, active_B=None, *, cfg: Mode
     params = inference_params(params)
     dt = compute_dtype(cfg)
     pre, post = split_layers(params["llm"]["layers"], _layer_split(cfg))
-    x = embed_inputs(params, cfg, token_B[:, None], None, None)
+    x = embed_inputs(params, cfg, token_B[:, None], None, None, row_slices=mesh is None)
     pos = state.next_pos[:, None]
     d_slot = state.dense_len
     x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, d_slot + 1, state.dense, d_slot[:, None],
@@ -195,7 +203,7 @@ def decode_step(params, token_B, state: DecodeState, active_B=None, *, cfg: Mode
 
 
 def decode_loop(params, first_logits, state: DecodeState, keys, temperature, top_p, *,
-                cfg: ModelConfig, opts: GenOptions):
+                cfg: ModelConfig, opts: GenOptions, mesh=None):
     """All decoding steps in one `lax.while_loop`; stops when every sequence hit EOS.
 
     Returns (tokens [B, max_new], stats, final state). The state is returned so that the
@@ -216,9 +224,12 @@ def decode_loop(params, first_logits, state: DecodeState, keys, temperature, top
 
     def body(c):
         i, tok, out, done, state = c
-        logits, state = decode_step(params, tok, state, ~done, cfg=cfg, opts=opts)
+        logits, state = decode_step(params, tok, state, ~done, cfg=cfg, opts=opts, mesh=mesh)
+        # The loop carry keeps the caches' sharding (batch x kv heads), step after step.
+        dense, sparse = S.constrain_caches((state.dense, state.sparse), mesh)
+        state = state.replace(dense=dense, sparse=sparse)
         nxt = sample(logits, step_keys(keys, i), opts.greedy, temperature, top_p,
-                 vocab=opts.vocab_limit)
+                     vocab=opts.vocab_limit)
         nxt = jnp.where(done, cfg.pad_token_id, nxt)
         out = out.at[:, i].set(nxt)
         done = done | (nxt == cfg.eos_token_id)
@@ -285,8 +296,8 @@ def no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, st
 
 # -- host-side driver ----------------------------------------------------------------
 
-jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len"))
-jit_decode = jax.jit(decode_loop, static_argnames=("cfg", "opts"), donate_argnames=("state",))
+jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len", "mesh"))
+jit_decode = jax.jit(decode_loop, static_argnames=("cfg", "opts", "mesh"), donate_argnames=("state",))
 jit_no_cache = jax.jit(no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len"))
 _jit_features = jax.jit(lambda params, pixels, cfg: image_features(params, cfg, pixels),
                         static_argnames=("cfg",))
@@ -304,6 +315,31 @@ def inference_params(params):
         return params
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     per_layer = [jax.tree_util.tree_map(lambda a: a[i], layers) for i in range(n)]
+    return dict(params, llm=dict(params["llm"], layers=per_layer))
+
+
+def shard_inference_params(params, mesh):
+    """`inference_params` of stacked params on `mesh`: each per-layer leaf in the sharding
+    the logical-axis table gives it (`sharding.param_shardings`), split on the devices
+    from a sharded stacked leaf. Consumes `params`: each stacked leaf is deleted once
+    split, so the peak is the model plus one stacked leaf, per device its shards."""
+    layers = params["llm"]["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+
+    def split(path, a):
+        sub = S.path_str(path)
+        out = tuple(NamedSharding(mesh, S.logical_to_spec(
+            S.param_logical_axes(f"llm/layers/{i}/{sub}", a.ndim - 1), a.shape[1:], mesh))
+            for i in range(n))
+        parts = jax.jit(lambda x: tuple(x[i] for i in range(n)), out_shardings=out)(a)
+        a.delete()
+        return parts
+
+    parts = jax.tree_util.tree_map_with_path(split, layers)
+    per_layer = [jax.tree_util.tree_map(lambda t: t[i], parts, is_leaf=lambda t: isinstance(t, tuple))
+                 for i in range(n)]
     return dict(params, llm=dict(params["llm"], layers=per_layer))
 
 
@@ -328,11 +364,19 @@ def kv_bytes(cfg: ModelConfig, opts: GenOptions, b: int, t: int, compact_len: in
 
 
 def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray],
-             opts: GenOptions, rng=None, temperature: float = 1.0, top_p: float = 1.0) -> GenResult:
+             opts: GenOptions, rng=None, temperature: float = 1.0, top_p: float = 1.0,
+             mesh=None) -> GenResult:
     """Generate for a right-padded batch (see inputs.prepare_batch).
 
     `params` may be stacked (as loaded) or `inference_params(params)`; pass the latter
-    when calling repeatedly, so that the layers are unstacked once."""
+    when calling repeatedly, so that the layers are unstacked once.
+
+    mesh: `batch`, `pixels` and per-row keys `rng` [B, 2] are this process's rows of a
+    global batch sharded over the mesh (`sharding.to_global`; in one process, the whole
+    batch). Every process passes the same number of rows, a multiple of
+    `sharding.local_batch_shards(mesh)`; prompt lengths may differ (padded to the longest
+    of all processes). The result holds this process's rows; the KV bytes are the whole
+    batch's."""
     if opts.mode not in ("dense", "dynamic"):
         raise ValueError(f"mode must be 'dense' or 'dynamic', not {opts.mode!r}")
     if opts.max_new_tokens < 1:
@@ -341,54 +385,74 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
     rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(rng)
     # One key per sequence, so a sampled answer does not depend on its batch.
     keys = rng if rng.ndim == 2 else row_keys(rng, np.arange(batch.tokens.shape[0]))
-    b, t = batch.tokens.shape
     has_img = batch.image_start >= 0
     if pixels is None and has_img.any():
         raise ValueError("the batch has image markers but no pixels")
-    if pixels is not None and not has_img.any():
+    tokens = batch.tokens
+    # What the rows of every process share: the padded length, whether any / all have images.
+    facts = [tokens.shape[1], int(has_img.any()), int(not has_img.all())]
+    t, any_img, not_all = S.across_processes(facts) if mesh is not None else facts
+    if t > tokens.shape[1]:
+        tokens = np.pad(tokens, ((0, 0), (0, t - tokens.shape[1])), constant_values=cfg.pad_token_id)
+    if not any_img:
         pixels = None
-    tokens, lengths = jnp.asarray(batch.tokens), jnp.asarray(batch.lengths)
-    image_start = jnp.asarray(batch.image_start)
-    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    clen = compacted_length(batch, cfg, opts)
+    elif pixels is None:  # images elsewhere in the global batch, none in this process's rows
+        s = cfg.vision.image_size
+        pixels = np.zeros((tokens.shape[0], 3, s, s), np.float32)
+    if mesh is None:
+        place, local = jnp.asarray, np.asarray
+        temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+    else:
+        place, local = (lambda x: S.to_global(x, mesh)), (lambda x: S.to_local(x, mesh))
+        temperature, top_p = np.float32(temperature), np.float32(top_p)
+        keys = np.asarray(keys)
+    b = tokens.shape[0] if mesh is None else S.global_rows(tokens.shape[0], mesh)
+    tokens, lengths, image_start = place(tokens), place(batch.lengths), place(batch.image_start)
+    pixels = None if pixels is None else place(pixels)
+    keys = place(keys)
+    clen = _compacted_length(t, not not_all, cfg, opts)
     if opts.use_cache:
         logits, state = jit_prefill(params, tokens, lengths, image_start, pixels, cfg=cfg,
-                                    opts=opts, compact_len=clen)
+                                    opts=opts, compact_len=clen, mesh=mesh)
         out, stats, state = jit_decode(params, logits, state, keys, temperature, top_p,
-                                       cfg=cfg, opts=opts)
+                                       cfg=cfg, opts=opts, mesh=mesh)
         del state
-        image_keep = np.asarray(stats["image_keep"])
-        in_cache = np.asarray(stats["generated_in_cache"])
-        evicted = np.asarray(stats["evicted"])
+        image_keep = local(stats["image_keep"])
+        in_cache = local(stats["generated_in_cache"])
+        evicted = local(stats["evicted"])
     else:
-        out, image_keep, in_cache = _generate_no_cache(params, cfg, opts, batch, tokens, lengths,
-                                                        image_start, pixels, keys, temperature, top_p)
-        evicted = np.zeros((b,), bool)
-    out = np.asarray(out)
+        out, image_keep, in_cache = _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths,
+                                                        image_start, pixels, keys, temperature,
+                                                        top_p, place, local)
+        evicted = np.zeros((batch.tokens.shape[0],), bool)
+    out = local(out)
     new_ids = []
     for row in out:
         ids = row.tolist()
         new_ids.append(ids[: ids.index(cfg.eos_token_id)] if cfg.eos_token_id in ids else ids)
-    kept_idx = [np.nonzero(image_keep[i])[0].tolist() if has_img[i] else None for i in range(b)]
+    kept_idx = [np.nonzero(image_keep[i])[0].tolist() if has_img[i] else None
+                for i in range(len(out))]
     kept = np.array([len(k) if k is not None else 0 for k in kept_idx])
     allocated, dense = kv_bytes(cfg, opts, b, t, clen)
     return GenResult(out, new_ids, kept, kept_idx, in_cache, allocated, dense, evicted)
 
 
-def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, pixels, keys,
-                       temperature, top_p):
-    b, t = batch.tokens.shape
+def _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths, image_start, pixels, keys,
+                       temperature, top_p, place, local):
+    """`place` puts this process's rows of a new batch array on the devices, `local` reads
+    them back (see `generate`)."""
+    b_local = local(lengths).shape[0]
     n = opts.max_new_tokens
     feats = _jit_features(params, pixels, cfg=cfg) if pixels is not None else None
-    clen = compacted_length(batch, cfg, opts)
     seq = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=cfg.pad_token_id)
-    out = jnp.full((b, n), cfg.pad_token_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
+    out = place(np.full((b_local, n), cfg.pad_token_id, np.int32))
+    done = place(np.zeros((b_local,), bool))
     start = 0
     bucket = max(1, opts.no_cache_bucket)
     kept_max = clen  # an upper bound on the tokens kept so far by any sequence
-    stats = {"kept": jnp.zeros((b,), jnp.int32), "in_cache": jnp.zeros((b,), jnp.int32),
-             "image_keep": jnp.ones((b, cfg.num_image_tokens), bool)}
+    stats = {"kept": place(np.zeros((b_local,), np.int32)),
+             "in_cache": place(np.zeros((b_local,), np.int32)),
+             "image_keep": place(np.ones((b_local, cfg.num_image_tokens), bool))}
     while start < n:
         stop = min(n, (start // bucket + 1) * bucket)
         # At step i a sequence holds lengths + i tokens: the longest is t + stop - 1. It keeps
@@ -397,16 +461,16 @@ def _generate_no_cache(params, cfg, opts, batch, tokens, lengths, image_start, p
         # chunks share compiles).
         need = kept_max + (stop - start) if start else clen + stop
         compact = min(clen + stop, round_up(need, bucket))
-        _bound_no_cache_programs((cfg, opts, b, t, stop, compact, feats is None))
+        _bound_no_cache_programs((cfg, opts, seq.shape[0], t, stop, compact, feats is None))
         seq, out, done, stats = jit_no_cache(
             params, seq, lengths, image_start, feats, out, done, keys, stats, temperature, top_p,
-            jnp.int32(start), jnp.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
+            np.int32(start), np.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
             compact_len=compact)
         if bool(jnp.all(done)):
             break
         kept_max = int(jnp.max(stats["kept"]))
         start = stop
-    return out, np.asarray(stats["image_keep"]), np.asarray(stats["in_cache"])
+    return out, local(stats["image_keep"]), local(stats["in_cache"])
 
 
 _no_cache_shapes: set = set()  # the shapes jit_no_cache holds compiled programs for

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from .checkpoint import load_converted
+from . import sharding
+from .checkpoint import load_config, load_converted
 from .conversation import build_prompt
-from .generate import GenOptions, GenResult, generate, inference_params
+from .generate import GenOptions, GenResult, generate, inference_params, shard_inference_params
 from .image_processing import ImageProcessor
 from .inputs import IMAGE_MARKER, InputError, expanded_length, length_bucket, prepare_batch
 from .sampling import row_keys
@@ -34,13 +35,26 @@ class Request:
 
 
 class Llava:
-    """A converted checkpoint with its tokenizer and image processor."""
+    """A converted checkpoint with its tokenizer and image processor.
 
-    def __init__(self, checkpoint: str | Path = DEFAULT_CHECKPOINT):
+    mesh (`sharding.parse_mesh`): parameters are restored straight into the shardings of
+    the training table, and `answer` runs the batch sharded over ('data', 'fsdp'), the
+    attention and KV caches over 'tensor'. In a multi-process job every process calls
+    `answer` with its own requests (the same number in each) and gets their answers.
+    None: one device."""
+
+    def __init__(self, checkpoint: str | Path = DEFAULT_CHECKPOINT, mesh=None):
         self.path = Path(checkpoint)
-        self.cfg, self.params = load_converted(self.path)
-        # Unstacked once here: generation then never slices a stacked layer weight.
-        self.params = inference_params(jax.device_put(self.params))
+        self.mesh = mesh
+        if mesh is None:
+            self.cfg, self.params = load_converted(self.path)
+            # Unstacked once here: generation then never slices a stacked layer weight.
+            self.params = inference_params(jax.device_put(self.params))
+        else:
+            self.cfg = load_config(self.path)
+            sharding.check_tensor_size(mesh.shape["tensor"], self.cfg.llm.num_kv_heads)
+            _, stacked = load_converted(self.path, mesh)
+            self.params = shard_inference_params(stacked, mesh)
         self.tokenizer = LlavaTokenizer.from_dir(self.path)
         self.images = ImageProcessor.from_dir(self.path)
 
@@ -77,6 +91,13 @@ class Llava:
         keys_from: a number per request (default 0, 1, ...) that, with `seed`, fixes its sampling
         key, so a sampled answer does not depend on the batch it is in. pad_to: the padded
         prompt length (default: `prompt_bucket` of the longest prompt)."""
+        n_real = len(requests)
+        if self.mesh is not None:
+            # Every batch shard gets rows: pad with copies of the last request (dropped below).
+            pad = -n_real % sharding.local_batch_shards(self.mesh)
+            requests = list(requests) + [requests[-1]] * pad
+            if keys_from is not None:
+                keys_from = list(keys_from) + [keys_from[-1]] * pad
         ids = [self.prompt_ids(r) for r in requests]
         if not opts.vocab_limit:  # never generate a padded embedding row the tokenizer cannot decode
             opts = dataclasses.replace(opts, vocab_limit=len(self.tokenizer))
@@ -102,9 +123,9 @@ class Llava:
         batch = prepare_batch(ids, n_img, self.tokenizer.pad_id, pad_to=pad_to)
         keys = row_keys(jax.random.PRNGKey(seed), range(len(requests)) if keys_from is None else keys_from)
         res: GenResult = generate(self.params, self.cfg, batch, pixels, opts, rng=keys,
-                                  temperature=temperature, top_p=top_p)
+                                  temperature=temperature, top_p=top_p, mesh=self.mesh)
         out = []
-        for i, r in enumerate(requests):
+        for i, r in enumerate(requests[:n_real]):
             out.append({
                 "text": self.tokenizer.decode(res.new_token_ids[i]).strip(),
                 "token_ids": res.new_token_ids[i],
@@ -119,8 +140,3 @@ class Llava:
                 "kv_cache_bytes_dense": res.kv_cache_bytes_dense,
             })
         return out
-
-
-def batched(items: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i: i + size]

@@ -77,12 +77,17 @@ def image_features(params, cfg: ModelConfig, pixels_BCHW):
     return Projector(cfg.llm.hidden_size, dt).apply({"params": params["projector"]}, f)
 
 
-def embed_inputs(params, cfg: ModelConfig, tokens_BT, image_feats_BNH, image_start_B):
-    """Token embeddings with the image features placed at each sample's image slots."""
+def embed_inputs(params, cfg: ModelConfig, tokens_BT, image_feats_BNH, image_start_B,
+                 row_slices: bool = True):
+    """Token embeddings with the image features placed at each sample's image slots.
+
+    row_slices False: a decoding step gathers its rows too (for a table sharded on the
+    vocabulary, where each shard answers the ids it holds; a dynamic slice along a sharded
+    axis would gather the whole table onto every device)."""
     dt = compute_dtype(cfg)
     table = params["llm"]["embed_tokens"]["embedding"]
     ids = jnp.clip(tokens_BT, 0, table.shape[0] - 1)
-    if tokens_BT.shape[1] == 1 and image_feats_BNH is None:
+    if tokens_BT.shape[1] == 1 and image_feats_BNH is None and row_slices:
         # A decoding step: one row slice per sequence reads B rows; a gather is costed (and
         # on some backends run) as a pass over the whole table.
         rows = [jax.lax.dynamic_slice_in_dim(table, ids[b, 0], 1) for b in range(ids.shape[0])]

@@ -85,6 +85,56 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(arr, MESH_AXES)
 
 
+def parse_mesh(spec: Optional[str], devices=None, kv_heads: Optional[int] = None) -> Mesh:
+    """A mesh from ``"data=2,tensor=4"`` (axes from `MESH_AXES`, unnamed ones 1; one size may
+    be -1 = the remaining devices). Empty or None: every device on ``data``.
+
+    kv_heads: the model's; a ``tensor`` size must divide it (tensor parallelism splits the
+    attention by whole kv-head groups, and the KV caches on kv heads). Raises ValueError
+    with a one-line reason."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {a: 1 for a in MESH_AXES}
+    if not spec or not spec.strip():
+        sizes["data"] = -1
+    else:
+        seen = set()
+        for part in spec.split(","):
+            name, eq, value = part.strip().partition("=")
+            name = name.strip()
+            if name not in sizes:
+                raise ValueError(f"unknown mesh axis {name!r} in {spec!r}; axes are {', '.join(MESH_AXES)}")
+            if not eq or name in seen:
+                raise ValueError(f"expected AXIS=SIZE, each axis once, got {spec!r}")
+            try:
+                size = int(value)
+            except ValueError:
+                raise ValueError(f"mesh axis {name} needs an integer size, got {value.strip()!r}") from None
+            if size < 1 and size != -1:
+                raise ValueError(f"mesh axis {name} has size {size}; sizes are >= 1 (or -1: the rest)")
+            seen.add(name)
+            sizes[name] = size
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1 in {spec!r}")
+    if -1 not in sizes.values() and fixed != len(devices):
+        raise ValueError(f"mesh {spec!r} has {fixed} devices, there are {len(devices)}")
+    if -1 in sizes.values():
+        if len(devices) % fixed:
+            raise ValueError(f"{len(devices)} devices are not divisible by the {fixed} of {spec!r}")
+        sizes = {a: len(devices) // fixed if s == -1 else s for a, s in sizes.items()}
+    if kv_heads is not None:
+        check_tensor_size(sizes["tensor"], kv_heads)
+    return make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices)
+
+
+def check_tensor_size(tensor: int, kv_heads: int) -> None:
+    """Tensor parallelism splits attention by whole kv-head groups (and the KV caches on
+    kv heads): the 'tensor' size must divide the kv heads."""
+    if kv_heads % tensor:
+        raise ValueError(f"tensor={tensor} does not divide the model's {kv_heads} kv heads; "
+                         f"choose a tensor size that divides {kv_heads}")
+
+
 # -- logical axes ----------------------------------------------------------------------
 def path_str(path) -> str:
     parts = []
@@ -98,7 +148,16 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
+_UNSTACKED = re.compile(r"^(\w+/layers)/\d+/(.*)$")
+
+
 def param_logical_axes(path: str, ndim: int) -> tuple:
+    """Logical axes of a parameter. A per-layer path (``llm/layers/3/q_proj/kernel``, what
+    `generate.inference_params` makes) takes its stacked entry without the 'layers' axis."""
+    m = _UNSTACKED.match(path)
+    if m:
+        axes = param_logical_axes(f"{m[1]}/{m[2]}", ndim + 1)
+        return axes[1:] if axes[0] == "layers" else (None,) * ndim
     for pattern, axes in PARAM_AXES:
         if re.match(pattern, path):
             if axes is None or len(axes) != ndim:
@@ -187,6 +246,55 @@ def constrain_batch(tree, mesh: Mesh):
     return jax.tree_util.tree_map(
         lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, batch_spec(x.ndim, mesh))),
         tree)
+
+
+def constrain_caches(caches, mesh: Optional[Mesh]):
+    """KV caches ([B, K, S, D] leaves) sharded on batch over ('data', 'fsdp') and on kv
+    heads over 'tensor' (each device holds the heads its attention shard computes)."""
+    if mesh is None:
+        return caches
+    def leaf(x):
+        spec = logical_to_spec(("batch", "kv_heads", None, None), x.shape, mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.tree_util.tree_map(leaf, caches)
+
+
+# -- one process's rows of a global batch ---------------------------------------------
+def local_batch_shards(mesh: Mesh) -> int:
+    """How many batch shards this process's devices hold (its rows must divide by it)."""
+    me = jax.process_index()
+    coords = {idx[:2] for idx, d in np.ndenumerate(mesh.devices) if d.process_index == me}
+    return max(len(coords), 1)
+
+
+def global_rows(local_rows: int, mesh: Mesh) -> int:
+    return local_rows * data_parallel_size(mesh) // local_batch_shards(mesh)
+
+
+def to_global(x_local, mesh: Mesh) -> jax.Array:
+    """This process's rows (leading axis) -> a global array sharded on batch. Every process
+    passes the same number of rows; in one process this is a sharded `device_put`."""
+    x = np.asarray(x_local)
+    sh = NamedSharding(mesh, batch_spec(x.ndim, mesh))
+    return jax.make_array_from_process_local_data(sh, x, (global_rows(x.shape[0], mesh),) + x.shape[1:])
+
+
+def to_local(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """The inverse of `to_global`: this process's rows of a batch-leading global array."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    x = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, batch_spec(x.ndim, mesh)))(x)
+    shards = {(s.index[0].start or 0): s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def across_processes(values: Sequence[int], op=np.max) -> list[int]:
+    """`op` over all processes of a few host integers (the identity in one process)."""
+    v = np.asarray(values, np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        v = op(np.asarray(multihost_utils.process_allgather(v)), axis=0)
+    return [int(x) for x in v]
 
 
 # -- multi-host ------------------------------------------------------------------------

@@ -1,16 +1,10 @@
 """Sharding: the rules table, and a train step on a 2x2x2 mesh of 8 simulated CPU devices
 equals the unsharded step.
 
-XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax is imported, so
-the 8-device part runs in a subprocess (this pytest process has imported jax already).
+The 8-device part runs in a subprocess (conftest's `eight_cpu_devices`).
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,8 +12,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dynllava_jax import sharding as S
-
-REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(r"""
     import json, sys
@@ -97,16 +89,8 @@ SCRIPT = textwrap.dedent(r"""
 
 
 @pytest.fixture(scope="module")
-def eight_device_result():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+def eight_device_result(eight_cpu_devices):
+    return eight_cpu_devices.run(SCRIPT)
 
 
 def test_rules_table_on_7b_shapes(eight_device_result):
