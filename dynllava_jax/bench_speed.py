@@ -38,7 +38,7 @@ import numpy as np
 from .config import PRESETS, LLMConfig, ModelConfig, SparseConfig, VisionConfig, preset
 from .generate import (GenOptions, compacted_length, decode_step, generate, inference_params,
                        jit_decode, jit_prefill, kv_bytes)
-from .inputs import IMAGE_MARKER, Batch, prepare_batch, round_up
+from .inputs import IMAGE_MARKER, Batch, length_bucket, prepare_batch
 from .model import init_params
 from .sampling import row_keys
 
@@ -55,7 +55,6 @@ SPEED_PRESETS = {
                       intermediate_size=2816)),
 }
 IMAGE_START = 35  # BOS + the vicuna_v1 system text + "USER: "
-PROMPT_BUCKET = 64
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,7 +114,8 @@ def random_params(cfg: ModelConfig, seed: int):
     return inference_params(make(jax.random.PRNGKey(seed)))
 
 
-def make_inputs(cfg: ModelConfig, b: int, text_tokens: int, with_image: bool, seed: int):
+def make_inputs(cfg: ModelConfig, b: int, text_tokens: int, with_image: bool, seed: int,
+                new_tokens: int = 0):
     rng = np.random.default_rng(seed)
     v = cfg.llm.vocab_size
     prompts = []
@@ -127,7 +127,9 @@ def make_inputs(cfg: ModelConfig, b: int, text_tokens: int, with_image: bool, se
         prompts.append(ids)
     n_img = cfg.num_image_tokens
     length = text_tokens + (n_img if with_image else 0)
-    batch = prepare_batch(prompts, n_img, cfg.pad_token_id, pad_to=round_up(length, PROMPT_BUCKET))
+    # Padded as infer.py pads them (`inference.prompt_bucket`): the shapes a user's run compiles.
+    pad_to = length_bucket(length, cfg.llm.max_position_embeddings - new_tokens)
+    batch = prepare_batch(prompts, n_img, cfg.pad_token_id, pad_to=pad_to)
     s = cfg.vision.image_size
     pixels = rng.normal(size=(b, 3, s, s)).astype(np.float32) if with_image else None
     return prompts, batch, pixels
@@ -313,9 +315,11 @@ def bench_speed(a) -> dict:
         "kv_heads": cfg.llm.num_kv_heads, "mlp": cfg.llm.intermediate_size,
         "vocab": cfg.llm.vocab_size, "vision": dataclasses.asdict(cfg.vision),
         "image_tokens": 0 if a.text_only else cfg.num_image_tokens, "text_tokens": a.text_tokens,
-        "new_tokens": a.new_tokens, "repeats": a.repeats, "prompt_bucket": PROMPT_BUCKET}, "batches": []}
+        "new_tokens": a.new_tokens, "repeats": a.repeats,
+        "padded_prompt": length_bucket(prompt_len, cfg.llm.max_position_embeddings - a.new_tokens)},
+        "batches": []}
     for b in a.batch:
-        prompts, batch, pixels = make_inputs(cfg, b, a.text_tokens, not a.text_only, a.seed)
+        prompts, batch, pixels = make_inputs(cfg, b, a.text_tokens, not a.text_only, a.seed, a.new_tokens)
         impls: dict[str, Any] = {}
         for mode in a.modes:
             impls[mode] = Ours(params, cfg, batch, pixels, GenOptions(max_new_tokens=a.new_tokens, mode=mode))
