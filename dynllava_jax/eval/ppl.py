@@ -29,7 +29,7 @@ import numpy as np
 
 from ..generate import GenOptions, compacted_length, decode_step, jit_prefill
 from ..inputs import expanded_length, prepare_batch, round_up
-from ..inference import PROMPT_BUCKET, Request
+from ..inference import Request, prompt_bucket
 from .files import UserError, read_json, read_jsonl
 
 ANSWER_BUCKET = 32  # answers are padded to a multiple of this: one compile serves many batches
@@ -87,7 +87,7 @@ def score_ids(model, requests: list[Request], targets: list[list[int]], opts: Ge
                             f"the model holds {limit}")
     longest = max(expanded_length(p, cfg.num_image_tokens) for p in ids)
     batch = prepare_batch(ids, cfg.num_image_tokens, model.tokenizer.pad_id,
-                          pad_to=max(longest, min(round_up(longest, PROMPT_BUCKET), limit - n)))
+                          pad_to=max(longest, prompt_bucket(longest, limit - n)))
     pixels = None
     if any(r.image is not None for r in requests):
         s = model.images.image_size
