@@ -102,7 +102,7 @@ class ModelConfig:
 
     @property
     def num_image_tokens_kept(self) -> int:
-        return int(self.num_image_tokens * self.sparse.vision_keep_rate)
+        return max(1, int(self.num_image_tokens * self.sparse.vision_keep_rate))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

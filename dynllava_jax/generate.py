@@ -67,7 +67,8 @@ class GenOptions:
 
     def keep_k(self, cfg: ModelConfig) -> int:
         rate = cfg.sparse.vision_keep_rate if self.vision_keep_rate is None else self.vision_keep_rate
-        return int(cfg.num_image_tokens * rate) if self.prune_vision(cfg) else cfg.num_image_tokens
+        # floor(N x rate) as the official code, but never 0: a tiny rate keeps one token, not none.
+        return max(1, int(cfg.num_image_tokens * rate)) if self.prune_vision(cfg) else cfg.num_image_tokens
 
 
 def _layer_split(cfg: ModelConfig) -> int:

@@ -103,12 +103,18 @@ class Llava:
             opts = dataclasses.replace(opts, vocab_limit=len(self.tokenizer))
         n_img = self.cfg.num_image_tokens
         limit = self.max_prompt_tokens(opts.max_new_tokens)
+        positions = self.cfg.llm.max_position_embeddings
         for r, p in zip(requests, ids):
-            if expanded_length(p, n_img) > limit:
+            n = expanded_length(p, n_img)
+            if n > limit and n < positions:  # the answer's reservation is what does not fit
                 raise InputError(
-                    f"prompt of {expanded_length(p, n_img)} tokens (image included) does not fit: "
-                    f"the model holds {self.cfg.llm.max_position_embeddings} positions and "
-                    f"{opts.max_new_tokens} are reserved for the answer")
+                    f"max_new_tokens {opts.max_new_tokens} is too many for this prompt of {n} tokens "
+                    f"(image included): the model holds {positions} positions, so at most "
+                    f"{positions - n} new tokens")
+            if n > limit:
+                raise InputError(
+                    f"prompt of {n} tokens (image included) does not fit: the model holds "
+                    f"{positions} positions and {opts.max_new_tokens} are reserved for the answer")
         pixels = None
         if any(r.image is not None or r.pixels is not None for r in requests):
             s = self.images.image_size

@@ -331,3 +331,11 @@ def test_eos_ends_each_sequence_on_its_own(model, samples, use_cache):
         assert one.new_token_ids[0] == both.new_token_ids[i]
         assert one.generated_tokens_in_cache[0] == both.generated_tokens_in_cache[i]
     assert stopped >= 2
+
+
+def test_a_tiny_keep_rate_keeps_one_image_token():
+    from dynllava_jax.config import preset
+    cfg = preset("tiny")  # 64 image tokens: floor(64 x 0.01) would keep none
+    assert GenOptions(mode="dynamic", vision_keep_rate=0.01).keep_k(cfg) == 1
+    assert GenOptions(mode="dynamic", vision_keep_rate=0.2).keep_k(cfg) == 12  # floor, as the official code
+    assert cfg.replace(sparse=dataclasses.replace(cfg.sparse, vision_keep_rate=0.01)).num_image_tokens_kept == 1

@@ -57,6 +57,7 @@ def test_sampling_is_seeded():
     (["--image", __file__, "--prompt", "x"], "cannot load image"),
     (["--checkpoint", "no/such/dir", "--prompt", "x"], "checkpoint directory not found"),
     (["--prompt", "x " * 600], "does not fit"),
+    (["--prompt", "x", "--max-new-tokens", "500"], "max_new_tokens 500 is too many for this prompt"),
     (["--prompt", "x", "--questions", "q.jsonl"], "exclusive"),
     (["--mode", "dense", "--vision-keep-rate", "0.5", "--prompt", "x"], "dynamic only"),
     (["--no-kv-cache", "--text-kv-budget", "0.5", "--prompt", "x"], "--no-kv-cache"),
