@@ -48,7 +48,7 @@ def test_sampling_is_seeded():
     (["--mode", "dense", "--vision-keep-rate", "0.5", "--prompt", "x"], "dynamic only"),
     (["--no-kv-cache", "--text-kv-budget", "0.5", "--prompt", "x"], "--no-kv-cache"),
     (["--image", IMG], "--image needs --prompt"),
-    ([], "nothing to answer"),
+    (["--checkpoint", "assets/tiny-dynamic-llava"], "nothing to answer"),
 ])
 def test_bad_input_is_one_line_exit_2(args, msg):
     r = infer(*args)

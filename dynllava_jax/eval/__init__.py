@@ -1,0 +1,1 @@
+"""Evaluation: `python -m dynllava_jax.eval SUBCOMMAND ...` (see `__main__`)."""
