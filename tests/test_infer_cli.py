@@ -80,3 +80,16 @@ def test_sampled_answers_do_not_depend_on_the_batch(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         got.append([json.loads(x)["text"] for x in (tmp_path / f"a{bs}.jsonl").read_text().splitlines()])
     assert got[0] == got[1]
+
+
+def test_no_arguments_answers_the_bundled_question():
+    """`python infer.py` alone: the bundled SynthVQA model, its example, what was saved."""
+    ex = json.loads((REPO / "assets" / "synthvqa-dynamic-llava" / "example.json").read_text())
+    r = infer("--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ans = json.loads(r.stdout)
+    assert ans["text"] == ex["answer"] == ans["expected"]
+    assert ans["image_tokens_total"] == 144 and ans["image_tokens_kept"] == 28
+    assert ans["prefill_flops_vs_dense"] < 1 and ans["kv_bytes"] < ans["kv_bytes_dense"]
+    plain = infer()
+    assert plain.returncode == 0 and f"answer: {ex['answer']}\n" in plain.stdout, plain.stderr[-2000:]

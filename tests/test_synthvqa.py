@@ -167,3 +167,12 @@ def test_eval_runs_on_a_handful_of_questions(tmp_path, data):
     assert runs["dynamic"]["prefill_flops_vs_dense"] < 1.0 == runs["dense"]["prefill_flops_vs_dense"]
     assert runs["dynamic"]["kv_bytes_vs_dense"] < 1.0
     assert (tmp_path / "eval" / "synth_eval.md").read_text().count("| dynamic") == 2
+
+
+def test_descriptions_are_asked_first(data):
+    """Evaluation asks "Describe ..." as the first question: training must too."""
+    out, _ = data
+    for r in json.loads((out / "train.json").read_text()):
+        conv = r["conversations"]
+        if any(m["value"].endswith(S.DESCRIBE) for m in conv[::2]):
+            assert len(conv) == 2 and conv[0]["value"] == f"<image>\n{S.DESCRIBE}"

@@ -292,17 +292,19 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def train_record(scene: Scene, rng: np.random.Generator, rid: str, image: str,
                  with_describe: bool, max_rounds: int = 7) -> dict:
-    """One multi-turn record: short questions of shuffled types; a description (if any) is
-    the last answer, where the output-text predictor is trained (SPEC §4)."""
+    """One record: up to `max_rounds` short questions of shuffled types, or (`with_describe`)
+    the description alone: its first and last answer, so that it is learnt as the answer to
+    a first question (as it is asked) and the output-text predictor is trained on it
+    (SPEC §4: decisions cover the last answer)."""
     qas = []
     for t in SHORT_TYPES:
         for _ in range(2 if t in ("colour", "shape", "presence") else 1):
             qa = make_question(scene, t, rng)
             if qa is not None and all(qa.question != q.question for q in qas):
                 qas.append(qa)
-    qas = [qas[int(i)] for i in rng.permutation(len(qas))][:(1 if with_describe else max_rounds)]
+    qas = [qas[int(i)] for i in rng.permutation(len(qas))][:max_rounds]
     if with_describe:
-        qas.append(make_question(scene, "describe", rng))
+        qas = [make_question(scene, "describe", rng)]
     conv = []
     for k, qa in enumerate(qas):
         q = f"<image>\n{qa.question}" if k == 0 else qa.question

@@ -118,14 +118,14 @@ class RunSpec:
     mode: str = "dense"
     use_cache: bool = True
     vision_keep_rate: Optional[float] = None
-    text_kv_budget: float = 1.0
+    text_kv_budget: Optional[float] = None   # None: 1.0 (exact)
 
     @property
     def name(self) -> str:
         n = self.mode if self.use_cache else f"{self.mode}-no-kv-cache"
         if self.mode == "dynamic" and self.vision_keep_rate is not None:
             n += f" r={self.vision_keep_rate:g}"
-        if self.mode == "dynamic" and self.text_kv_budget != 1.0:
+        if self.mode == "dynamic" and self.text_kv_budget is not None:
             n += f" b={self.text_kv_budget:g}"
         return n
 
@@ -151,7 +151,8 @@ def run(model, items: list[tuple[dict, dict]], spec: RunSpec, image_folder: str 
         opts = GenOptions(max_new_tokens=MAX_NEW_TOKENS.get(t, SHORT_MAX_NEW_TOKENS),
                           mode=spec.mode, use_cache=spec.use_cache,
                           vision_keep_rate=spec.vision_keep_rate,
-                          text_kv_budget=spec.text_kv_budget if spec.use_cache else 1.0)
+                          text_kv_budget=(1.0 if spec.text_kv_budget is None or not spec.use_cache
+                                          else spec.text_kv_budget))
         size = min(batch_size, len(group))
         for chunk in batched(group, size):
             reqs = [Request(q["text"], str(Path(image_folder) / q["image"])) for q, _ in chunk]
@@ -213,7 +214,7 @@ def summarise(rows: list[dict], spec: RunSpec) -> dict:
 # -- reports ----------------------------------------------------------------------------------
 def markdown_table(summaries: list[dict]) -> str:
     types = [t for t in QUESTION_TYPES if any(t in s["accuracy"] for s in summaries)]
-    head = (["run", "n"] + types + ["overall", "image kept", "gen. in cache", "prefill FLOPs",
+    head = (["run", "n"] + types + ["overall", "short answers", "image kept", "gen. in cache", "prefill FLOPs",
                                     "KV bytes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
@@ -221,7 +222,9 @@ def markdown_table(summaries: list[dict]) -> str:
         gic = s["generated_tokens_in_cache_fraction"]
         cells = ([s["run"], str(s["questions"])]
                  + [f"{100 * a[t]:.1f}" if t in a else "-" for t in types]
-                 + [f"{100 * a['overall']:.1f}", f"{s['image_tokens_kept_fraction']:.3f}",
+                 + [f"{100 * a['overall']:.1f}",
+                    "-" if np.isnan(a["short_answers"]) else f"{100 * a['short_answers']:.1f}",
+                    f"{s['image_tokens_kept_fraction']:.3f}",
                     "-" if gic is None else f"{gic:.3f}",
                     f"{s['prefill_flops_vs_dense']:.3f}x", f"{s['kv_bytes_vs_dense']:.3f}x"])
         lines.append("| " + " | ".join(cells) + " |")
