@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Answer image questions with a converted (Dynamic-)LLaVA checkpoint.
 
+Demo:           python infer.py        (the bundled SynthVQA model answers its bundled question)
 One question:   python infer.py --image IMG --prompt "What is in the image?" [--json]
 LLaVA eval:     python infer.py --questions Q.jsonl --image-folder DIR --answers-file A.jsonl
                 [--num-chunks N --chunk-idx K]   (resumable; bad questions skipped and named)
 Sharded:        python infer.py --mesh data=2,tensor=4 ...   (multi-process: + --coordinator
                 HOST:PORT --num-processes N --process-id K, or nothing on a TPU pod)
-Without --checkpoint it runs the bundled tiny *random* checkpoint (assets/tiny-dynamic-llava):
-its answers are gibberish by design; it exists to exercise the code.
+With no arguments it answers the bundled example question with the bundled SynthVQA model
+(assets/synthvqa-dynamic-llava) and prints what sparsification saved. With --prompt/--questions
+and no --checkpoint it runs the bundled tiny *random* checkpoint (assets/tiny-dynamic-llava): its
+answers are gibberish by design; it exercises the code.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def validate(a) -> str | None:
         return "--prompt/--image and --questions/--image-folder/--answers-file are exclusive"
     if batch and not (a.questions and a.answers_file):
         return "--questions needs --answers-file (and --image-folder for image questions)"
-    if not single and not batch:
+    if not single and not batch and a.checkpoint is not None:
         return "nothing to answer: give --prompt (with --image) or --questions"
     if a.image is not None and a.prompt is None:
         return "--image needs --prompt"
@@ -100,10 +103,22 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
+def is_demo(a) -> bool:
+    """No question and no checkpoint given: answer the bundled SynthVQA example."""
+    return all(x is None for x in (a.prompt, a.image, a.questions, a.image_folder,
+                                   a.answers_file, a.checkpoint))
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if (msg := validate(a)) is not None:
         fail(msg)
+    if is_demo(a):
+        from dynllava_jax import demo
+        demo.run(mode=a.mode or "dynamic", use_cache=not a.no_kv_cache, as_json=a.json,
+                 vision_keep_rate=a.vision_keep_rate,
+                 text_kv_budget=1.0 if a.text_kv_budget is None else a.text_kv_budget)
+        return 0
     if a.image is not None and not Path(a.image).is_file():
         fail(f"image not found: {a.image}")
     if a.questions is not None and not Path(a.questions).is_file():

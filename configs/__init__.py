@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.max_grad_norm = 1.0
     c.optim.train_projector = True     # official code: True; the paper: frozen
     c.optim.train_llm = True
+    c.optim.train_vision = False       # True: train the vision tower too (from scratch)
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 64

@@ -247,7 +247,20 @@ def _tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "llava-v1.5-7b": _llava_7b, "llava-v1.5-13b": _llava_13b}
+def _synthvqa() -> ModelConfig:
+    """The small model trained from scratch on SynthVQA (configs/synthvqa_*.py): 168 px
+    images (144 image tokens), CLIP tower 3 x 96 (2 layers used), LLM 4 x 128, vocabulary
+    512 (the SynthVQA tokenizer): sized to train in well under an hour on 2 CPU cores."""
+    return ModelConfig(
+        vision=VisionConfig(image_size=168, patch_size=14, hidden_size=96, num_layers=3,
+                            num_heads=4, intermediate_size=384),
+        llm=LLMConfig(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4,
+                      num_kv_heads=4, intermediate_size=344, max_position_embeddings=1024),
+        sparse=SparseConfig(d_model=64, nhead=4, dim_feedforward=128, num_layers=2),
+    )
+
+
+PRESETS = {"tiny": _tiny, "synthvqa": _synthvqa, "llava-v1.5-7b": _llava_7b, "llava-v1.5-13b": _llava_13b}
 
 
 def preset(name: str) -> ModelConfig:

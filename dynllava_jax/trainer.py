@@ -385,6 +385,23 @@ def format_metrics(step: int, m: dict) -> str:
             f"s/step {f('step_time', '{:.3f}')}")
 
 
+def _check_assets(assets_dir: Path, cfg: ModelConfig) -> None:
+    """A fresh model's tokenizer and image processor must fit its preset's shapes."""
+    from .image_processing import ImageProcessor
+    from .tokenizer import LlavaTokenizer
+    for name in ("tokenizer.model", "preprocessor_config.json"):
+        if not (assets_dir / name).is_file():
+            raise FileNotFoundError(f"assets_dir {assets_dir} has no {name}")
+    vocab = LlavaTokenizer.from_dir(assets_dir).vocab_size
+    if vocab > cfg.llm.vocab_size:
+        raise ValueError(f"the tokenizer in {assets_dir} has {vocab} pieces; the model preset "
+                         f"holds {cfg.llm.vocab_size}")
+    size = ImageProcessor.from_dir(assets_dir).image_size
+    if size != cfg.vision.image_size:
+        raise ValueError(f"{assets_dir}/preprocessor_config.json crops {size} px; the model "
+                         f"preset takes {cfg.vision.image_size} px")
+
+
 class Trainer:
     """One training run in a workdir (see the module docstring)."""
 
@@ -460,6 +477,7 @@ class Trainer:
             self.init_dir = None
             self.assets_dir = (resolve_path(c.assets_dir, "assets_dir") if c.assets_dir
                                else DEFAULT_TINY)
+            _check_assets(self.assets_dir, cfg)
         else:
             self.init_dir = resolve_path(c.init_from)
             cfg = load_config(self.init_dir)
@@ -604,7 +622,8 @@ class Trainer:
     def _groups(self, params) -> tuple:
         oc = self.config.optim
         return optim.trainable_groups(params, train_projector=oc.train_projector,
-                                      train_llm=oc.train_llm)
+                                      train_llm=oc.train_llm,
+                                      train_vision=bool(oc.get("train_vision", False)))
 
     def _init_state(self):
         rng = jax.random.PRNGKey(int(self.config.train.seed))

@@ -62,7 +62,7 @@ def test_sampling_is_seeded():
     (["--mode", "dense", "--vision-keep-rate", "0.5", "--prompt", "x"], "dynamic only"),
     (["--no-kv-cache", "--text-kv-budget", "0.5", "--prompt", "x"], "--no-kv-cache"),
     (["--image", IMG], "--image needs --prompt"),
-    ([], "nothing to answer"),
+    (["--checkpoint", "assets/tiny-dynamic-llava"], "nothing to answer"),
     (["--prompt", "x", "--seed", str(2 ** 70)], "--seed"),  # would repeat a smaller seed's key
     (["--prompt", "x", "--temperature", "nan"], "--temperature"),
     (["--questions", "q.jsonl", "--answers-file", "a.jsonl", "--num-chunks", "2", "--chunk-idx", "2"],
@@ -132,3 +132,16 @@ def test_chunk_with_bad_questions_answers_the_rest(tmp_path):
         errors[1].startswith(f"error: {q}:5: ") and "nope.png" in errors[1], r.stderr[-2000:]
     assert "1 answered, 0 already in" in r.stderr and "2 skipped" in r.stderr
     assert [json.loads(l)["question_id"] for l in a.read_text().splitlines()] == [4]
+
+
+def test_no_arguments_answers_the_bundled_question():
+    """`python infer.py` alone: the bundled SynthVQA model, its example, what was saved."""
+    ex = json.loads((REPO / "assets" / "synthvqa-dynamic-llava" / "example.json").read_text())
+    r = infer("--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ans = json.loads(r.stdout)
+    assert ans["text"] == ex["answer"] == ans["expected"]
+    assert ans["image_tokens_total"] == 144 and ans["image_tokens_kept"] == 28
+    assert ans["prefill_flops_vs_dense"] < 1 and ans["kv_bytes"] < ans["kv_bytes_dense"]
+    plain = infer()
+    assert plain.returncode == 0 and f"answer: {ex['answer']}\n" in plain.stdout, plain.stderr[-2000:]

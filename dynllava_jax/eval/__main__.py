@@ -9,6 +9,7 @@
   score mme     --results-dir eval_tool/answers/EXP
   merge         --question-file Q --result-files A1 A2 ... --output-file A
   ppl           --question-file Q.json --image-folder DIR --answers-file A.jsonl [--mode dense|dynamic]
+  synth         --checkpoint C --data D --out O [--sweep]   (the SynthVQA held-out split)
 
 Argument names follow LLaVA's own scripts; each score prints a table, or with --json one JSON
 object of metrics.
@@ -89,6 +90,9 @@ def parse_args(argv=None):
                         "answer rounded up to a multiple of 32 (default 1.0: exact)")
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--json", action="store_true", help="print one JSON object of metrics")
+    from . import synth
+    synth.add_arguments(cmd.add_parser("synth", help="accuracy on the SynthVQA held-out split, "
+                                                     "dense vs dynamic, in all three modes"))
     a = p.parse_args(argv)
     if a.command == "score" and a.task == "mme" and a.result_file is not None and a.data_path is None:
         p.error("score mme --result-file needs --data-path (the MME_Benchmark_release_version folder)")
@@ -192,6 +196,9 @@ def run_ppl(a) -> tuple[dict, str]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.command == "synth":
+        from . import synth
+        return synth.main(a)
     try:
         if a.command == "merge":
             return merge(a)

@@ -1,0 +1,39 @@
+"""SynthVQA stage 1: the dense model (vision tower, projector, LLM) from random weights.
+
+    python -m dynllava_jax.data.synthvqa --out data/synthvqa          # data + tokenizer
+    python train.py --config configs/synthvqa_dense.py --workdir runs/synthvqa_dense
+
+The predictors exist (random) but are off: every image and answer token is kept.
+Stage 2 (configs/synthvqa_dynamic.py) starts from WORKDIR/export.
+"""
+
+from configs import base_config
+
+
+def get_config():
+    c = base_config()
+    c.init_from = "random"
+    c.model_preset = "synthvqa"
+    c.assets_dir = "data/synthvqa/tokenizer"   # written by dynllava_jax.data.synthvqa
+    c.dtype = "float32"                        # CPU
+    c.param_dtype = "float32"
+    c.sparse.use_vision_predictor = False
+    c.sparse.use_output_text_predictor = False
+    c.optim.train_vision = True                # nothing is pretrained
+    c.optim.lr = 2e-3
+    c.optim.predictor_lr = 0.0
+    c.optim.warmup_ratio = 0.03
+    c.optim.weight_decay = 0.0
+    c.train.global_batch_size = 8
+    c.train.total_steps = 340
+    c.train.remat = "none"
+    c.train.log_every = 10
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.checkpoint.every = 50
+    c.data.json_path = "data/synthvqa/train.json"
+    c.data.image_folder = "data/synthvqa"
+    c.data.seq_len = 352
+    c.data.model_max_length = 352
+    c.data.read_threads = 2
+    return c

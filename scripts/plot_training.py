@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Training curves (loss, CE, kept fractions) of one or more consecutive runs.
+
+    python scripts/plot_training.py runs/synthvqa_dense runs/synthvqa_dynamic \\
+        --out assets/synthvqa-dynamic-llava/training.png
+
+Each WORKDIR's metrics.jsonl is read; a later run's steps continue after the earlier
+run's last step, so a two-stage recipe reads as one curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def plot(workdirs, out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from dynllava_jax.trainer import read_metrics
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for wd in workdirs:
+        rows = read_metrics(wd)
+        if not rows:
+            raise FileNotFoundError(f"no metrics.jsonl rows in {wd}")
+        x = [offset + r["step"] for r in rows]
+        name = Path(wd).name
+        ax[0].plot(x, [r["loss"] for r in rows], label=f"{name}: loss")
+        ax[0].plot(x, [r["ce"] for r in rows], "--", label=f"{name}: CE")
+        if any(r.get("img_kept", 0) > 0 for r in rows):
+            ax[1].plot(x, [r["img_kept"] for r in rows], label=f"{name}: image tokens kept")
+            ax[1].plot(x, [r["txt_kept"] for r in rows], label=f"{name}: long-answer tokens kept")
+        offset = x[-1]
+        ax[0].axvline(offset, color="grey", lw=0.5)
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("step")
+    ax[0].set_title("loss and cross-entropy")
+    ax[0].legend(fontsize=8)
+    ax[1].set_xlabel("step")
+    ax[1].set_ylim(0, 1)
+    ax[1].set_title("kept fractions (targets 0.2 and 0.5)")
+    ax[1].legend(fontsize=8)
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workdirs", nargs="+")
+    ap.add_argument("--out", required=True, help="PNG file")
+    a = ap.parse_args(argv)
+    try:
+        print(plot(a.workdirs, Path(a.out)))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""SynthVQA: the generator is deterministic and balanced, its answers follow from the scene
+(and from the pixels), its tokenizer obeys LLaVA's rules; the eval runs end to end."""
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dynllava_jax.data import synthvqa as S
+
+N_TRAIN, N_EVAL = 16, 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthvqa")
+    counts = S.write_synthvqa(out, train_images=N_TRAIN, eval_images=N_EVAL, seed=3)
+    return out, counts
+
+
+def _lines(path):
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def test_deterministic_from_the_seed(tmp_path, data):
+    out, _ = data
+    again = tmp_path / "again"
+    S.write_synthvqa(again, train_images=N_TRAIN, eval_images=N_EVAL, seed=3)
+    for rel in ("train.json", "eval/questions.jsonl", "eval/annotations.jsonl",
+                "tokenizer/tokenizer.model", "images/train-00005.png", "images/eval-00007.png"):
+        assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
+    other = S.make_scene(S.scene_rng(4, "train", 0))
+    assert other != S.make_scene(S.scene_rng(3, "train", 0))
+
+
+def test_every_type_appears_and_presence_is_balanced(data):
+    out, counts = data
+    anns = _lines(out / "eval" / "annotations.jsonl")
+    assert {a["type"] for a in anns} == set(S.QUESTION_TYPES)
+    pres = [a["answer"] for a in anns if a["type"] == "presence"]
+    assert abs(pres.count("yes") - pres.count("no")) <= 1 and pres.count("no") > 0
+    train = json.loads((out / "train.json").read_text())
+    asked = {m["value"].split("\n")[-1] for r in train for m in r["conversations"][::2]}
+    assert S.DESCRIBE in asked and S.CHOICE_SUFFIX in asked
+    qs = _lines(out / "eval" / "questions.jsonl")
+    assert [q["question_id"] for q in qs] == [a["question_id"] for a in anns]
+    assert all(set(q) >= {"question_id", "image", "text"} for q in qs)
+    pope = _lines(out / "eval" / "pope" / "synth_pope_random.json")
+    pope += _lines(out / "eval" / "pope" / "synth_pope_adversarial.json")
+    assert sorted(p["question_id"] for p in pope) == sorted(
+        a["question_id"] for a in anns if a["type"] == "presence")
+    tvqa = json.loads((out / "eval" / "textvqa_annotations.json").read_text())["data"]
+    assert tvqa and all(len(t["answers"]) == 10 for t in tvqa)
+
+
+def _expected(question: str, scene: dict) -> str:
+    """The answer, worked out from the scene alone (independently of the generator)."""
+    objs = scene["objects"]
+    by_shape = {o["shape"]: o for o in objs}
+    by_colour = {o["colour"]: o for o in objs}
+    stem = question.split("\n")[0]
+    if "\nA. " in question:
+        right = _expected(stem, scene)
+        opts = dict(re.findall(r"\n([ABCD])\. ([^\n]+)", question))
+        (letter,) = [k for k, v in opts.items() if v == right]
+        return letter
+    if m := re.fullmatch(r"(?:What|Which) colour is the (\w+)\?", stem):
+        return by_shape[m[1]]["colour"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", stem) or re.fullmatch(
+            r"Which shape is (\w+)\?", stem):
+        return by_colour[m[1]]["shape"]
+    if stem.startswith("How many shapes"):
+        return str(len(objs))
+    if m := re.fullmatch(r"Is the (\w+) (\w+) to the left or to the right of the (\w+) (\w+)\?", stem):
+        return "left" if by_colour[m[1]]["col"] < by_colour[m[3]]["col"] else "right"
+    if m := re.fullmatch(r"Is the (\w+) (\w+) above or below the (\w+) (\w+)\?", stem):
+        return "above" if by_colour[m[1]]["row"] < by_colour[m[3]]["row"] else "below"
+    if m := re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", stem):
+        return "yes" if by_shape.get(m[2], {}).get("colour") == m[1] else "no"
+    if "word" in stem or "text" in stem:
+        return scene["word"]
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_answers_follow_from_the_scene_and_the_pixels(data):
+    out, _ = data
+    tok = __import__("dynllava_jax.tokenizer", fromlist=["x"]).LlavaTokenizer.from_dir(
+        out / "tokenizer")
+    cell = S.IMAGE_SIZE / S.GRID
+    for a in _lines(out / "eval" / "annotations.jsonl"):
+        scene = a["scene"]
+        if a["type"] == "describe":
+            n = len(tok.encode(a["answer"]))
+            assert 60 <= n <= 200, n
+            for o in scene["objects"]:
+                assert f"{o['colour']} {o['shape']} in the {S.place(o['row'], o['col'])}" in a["answer"]
+        else:
+            assert _expected(a["question"], scene) == a["answer"], a["question"]
+        image = np.asarray(Image.open(out / a["image"]).convert("RGB"))
+        assert image.shape == (S.IMAGE_SIZE, S.IMAGE_SIZE, 3)
+        for o in scene["objects"]:  # each shape is painted in its colour at its centre
+            cx, cy = int((o["col"] + 0.5) * cell + o["dx"]), int((o["row"] + 0.5) * cell + o["dy"])
+            assert tuple(image[cy, cx]) == S.COLOURS[o["colour"]]
+
+
+def test_tokenizer_follows_llava_rules(data):
+    from dynllava_jax.conversation import tokenize_conversation_with_labels
+    from dynllava_jax.image_processing import ImageProcessor
+    from dynllava_jax.tokenizer import LlavaTokenizer
+    out, _ = data
+    tok = LlavaTokenizer.from_dir(out / "tokenizer")
+    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.legacy
+    assert ImageProcessor.from_dir(out / "tokenizer").image_size == S.IMAGE_SIZE
+    for r in json.loads((out / "train.json").read_text()):
+        ids, labels = tokenize_conversation_with_labels(tok, r["conversations"], True, None)
+        assert tok.unk_id not in ids  # every character is a piece ("\n" included)
+        n_answers = len(r["conversations"]) // 2
+        assert sum(1 for i in labels if i == tok.eos_id) == n_answers  # no mismatch
+
+
+def test_fresh_model_assets_are_checked(data):
+    from dynllava_jax.config import preset
+    from dynllava_jax.trainer import _check_assets
+    out, _ = data
+    _check_assets(out / "tokenizer", preset("synthvqa"))
+    with pytest.raises(ValueError, match="pieces"):
+        _check_assets(out / "tokenizer", preset("tiny"))
+
+
+def test_scores():
+    from dynllava_jax.eval.synth import choice_letter, normalise, score, vqa_accuracy
+    assert normalise("The Red.") == "red" and normalise("three") == "3"
+    assert choice_letter("B") == "B" and choice_letter("The answer is C.") == "C"
+    assert choice_letter("B. blue") == "B" and choice_letter("blue") is None
+    assert vqa_accuracy("cat", ["cat"] * 10) == 1.0
+    assert vqa_accuracy("cat", ["cat"] * 2 + ["dog"] * 8) == pytest.approx(0.6)  # 8x2/3 + 2x1/3
+    ann = {"type": "describe", "answer": "A b. C d. E f."}
+    assert score(ann, "A b. E f. X.") == pytest.approx(2 / 3)
+
+
+def test_eval_runs_on_a_handful_of_questions(tmp_path, data):
+    """A small random model through all three modes: report fields and costs."""
+    import jax
+    from dynllava_jax import model as M
+    from dynllava_jax.config import LLMConfig, VisionConfig, preset
+    from dynllava_jax.eval.synth import evaluate
+    from dynllava_jax.train_checkpoint import export_converted
+    out, _ = data
+    base = preset("synthvqa")
+    cfg = base.replace(vision=dataclasses.replace(base.vision, hidden_size=32, num_heads=2,
+                                                  intermediate_size=64),
+                       llm=dataclasses.replace(base.llm, hidden_size=32, num_layers=3,
+                                               num_heads=2, num_kv_heads=2, intermediate_size=64))
+    cfg = cfg.replace_sparse(d_model=16, nhead=2, dim_feedforward=32)
+    params = M.init_params(cfg, jax.random.PRNGKey(0), with_predictors=True)
+    ckpt = export_converted(tmp_path / "ckpt", params, cfg, out / "tokenizer")
+    report = evaluate(ckpt, out, tmp_path / "eval", max_per_type=2, batch_size=2,
+                      types=["colour"], progress=False)
+    runs = {s["run"]: s for s in report["modes"]}
+    assert set(runs) == {"dense", "dynamic", "dynamic-no-kv-cache"}
+    assert all(s["questions"] == 2 and 0 <= s["accuracy"]["overall"] <= 1 for s in runs.values())
+    assert runs["dense"]["image_tokens_kept_fraction"] == 1.0
+    assert runs["dynamic"]["image_tokens_kept_fraction"] == pytest.approx(28 / 144)
+    assert runs["dynamic"]["prefill_flops_vs_dense"] < 1.0 == runs["dense"]["prefill_flops_vs_dense"]
+    assert runs["dynamic"]["kv_bytes_vs_dense"] < 1.0
+    assert (tmp_path / "eval" / "synth_eval.md").read_text().count("| dynamic") == 2
+
+
+def test_descriptions_are_asked_first(data):
+    """Evaluation asks "Describe ..." as the first question: training must too."""
+    out, _ = data
+    for r in json.loads((out / "train.json").read_text()):
+        conv = r["conversations"]
+        if any(m["value"].endswith(S.DESCRIBE) for m in conv[::2]):
+            assert len(conv) == 2 and conv[0]["value"] == f"<image>\n{S.DESCRIBE}"
