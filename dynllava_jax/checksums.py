@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .paths import as_path  # a local folder or a gs:// URL
+
 CHECKSUM_FILE = "params_checksums.json"
 _CHUNK = 1 << 26  # bytes per crc32 call: no whole-leaf temporary beyond the array itself
 
@@ -58,12 +60,12 @@ def compute(params: Any) -> dict[str, dict]:
 
 def write(directory: Path, params: Any) -> None:
     body = {"algorithm": "crc32", "tensors": compute(params)}
-    (Path(directory) / CHECKSUM_FILE).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    (as_path(directory) / CHECKSUM_FILE).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
 
 
 def expected(directory: Path) -> Optional[dict[str, dict]]:
     """The recorded checksums of a directory's params (None: no checksum file)."""
-    path = Path(directory) / CHECKSUM_FILE
+    path = as_path(directory) / CHECKSUM_FILE
     if not path.is_file():
         return None
     try:
@@ -82,7 +84,7 @@ def check_leaf(directory: Path, want: Optional[dict], name: str, arr: np.ndarray
     w = want.get(name)
     if not isinstance(w, dict) or w.get("crc32") != crc32(arr):
         what = "has no checksum in" if not isinstance(w, dict) else "does not match its checksum in"
-        raise ChecksumError(f"{Path(directory) / 'params'}: tensor {name} {what} {CHECKSUM_FILE} "
+        raise ChecksumError(f"{as_path(directory) / 'params'}: tensor {name} {what} {CHECKSUM_FILE} "
                             "(the directory is corrupt; convert or export it again)")
 
 
@@ -94,11 +96,11 @@ EXPORT_CHECKSUM_FILE = "tensor_checksums.json"
 def write_export(directory: Path, sums: dict[str, dict[str, int]]) -> None:
     """weight file -> tensor name -> CRC-32 of its bytes as written (what `verify_tensor` reads)."""
     body = {"algorithm": "crc32", "files": sums}
-    (Path(directory) / EXPORT_CHECKSUM_FILE).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    (as_path(directory) / EXPORT_CHECKSUM_FILE).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
 
 
 def export_sums(directory: Path) -> Optional[dict]:
-    path = Path(directory) / EXPORT_CHECKSUM_FILE
+    path = as_path(directory) / EXPORT_CHECKSUM_FILE
     if not path.is_file():
         return None
     try:
