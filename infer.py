@@ -23,8 +23,19 @@ from pathlib import Path
 from dynllava_jax.runtime import default_compile_cache, enable_compile_cache, notice
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if d is not None and d is not False and d != argparse.SUPPRESS and "default" not in h:
+            h += " (default: %(default)s)"
+        return h
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--checkpoint", help="converted checkpoint directory (default: the bundled tiny random one)")
     p.add_argument("--image", help="image file for --prompt (omit for a text-only question)")
     p.add_argument("--prompt", help="the question")
@@ -35,14 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many shares "
                                                             "(LLaVA's convention)")
     p.add_argument("--chunk-idx", type=int, default=0, help="the share this run answers (0-based)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="questions answered together (one compiled shape)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, in [0, 2**32)")
     p.add_argument("--mode", choices=["dense", "dynamic"],
                    help="default: dynamic for checkpoints with predictors, else dense")
-    p.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence every step (SPEC §3.3)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step instead of keeping a KV cache")
     p.add_argument("--vision-keep-rate", type=float, help="fraction of image tokens kept (dynamic mode)")
     p.add_argument("--text-kv-budget", type=float,
                    help="sparse-layer cache slots for generated tokens, as a fraction of --max-new-tokens "

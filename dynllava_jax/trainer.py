@@ -716,7 +716,16 @@ class Trainer:
                     log.warning("data exhausted at step %d", step)
                     break
                 batch = self._global_batch(host)
+                first = steps_acc == 0 and step == self.start_step
+                if first:  # the first call compiles (seconds to minutes): say so, not "0/N"
+                    if bar is not None:
+                        bar.set_description_str("train (compiling the train step)")
+                        bar.refresh()
+                    elif jax.process_index() == 0:
+                        log.info("compiling the train step ...")
                 self.state, metrics = self.step_fn(self.state, batch)
+                if first and bar is not None:
+                    bar.set_description_str("train")
                 step += 1
                 tokens_acc += float(np.sum(host["lengths"])) * jax.process_count()
                 steps_acc += 1
