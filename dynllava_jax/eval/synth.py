@@ -137,7 +137,7 @@ def run(model, items: list[tuple[dict, dict]], spec: RunSpec, image_folder: str 
     never wait for long ones."""
     from tqdm import tqdm
     from dynllava_jax.generate import GenOptions
-    from dynllava_jax.inference import Request, batched
+    from dynllava_jax.inference import Request
     cfg = model.cfg
     by_type = defaultdict(list)
     for q, a in items:
@@ -154,7 +154,7 @@ def run(model, items: list[tuple[dict, dict]], spec: RunSpec, image_folder: str 
                           text_kv_budget=(1.0 if spec.text_kv_budget is None or not spec.use_cache
                                           else spec.text_kv_budget))
         size = min(batch_size, len(group))
-        for chunk in batched(group, size):
+        for chunk in (group[i:i + size] for i in range(0, len(group), size)):
             reqs = [Request(q["text"], str(Path(image_folder) / q["image"])) for q, _ in chunk]
             reqs += reqs[-1:] * (size - len(reqs))  # same shapes: no recompile
             answers = model.answer(reqs, opts)
