@@ -58,23 +58,31 @@ def compute(params: Any) -> dict[str, dict]:
     return out
 
 
+def _write(path, key: str, sums: dict) -> None:
+    body = {"algorithm": "crc32", key: sums}
+    path.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+
+
+def _read(path, key: str) -> Optional[dict]:
+    """The object under `key` of a checksum file (None: no such file)."""
+    if not path.is_file():
+        return None
+    try:
+        sums = json.loads(path.read_text())[key]
+        if not isinstance(sums, dict):
+            raise TypeError(f"{key!r} is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ChecksumError(f"{path} is not a valid checksum file: {e}") from e
+    return sums
+
+
 def write(directory: Path, params: Any) -> None:
-    body = {"algorithm": "crc32", "tensors": compute(params)}
-    (as_path(directory) / CHECKSUM_FILE).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    _write(as_path(directory) / CHECKSUM_FILE, "tensors", compute(params))
 
 
 def expected(directory: Path) -> Optional[dict[str, dict]]:
     """The recorded checksums of a directory's params (None: no checksum file)."""
-    path = as_path(directory) / CHECKSUM_FILE
-    if not path.is_file():
-        return None
-    try:
-        want = json.loads(path.read_text())["tensors"]
-        if not isinstance(want, dict):
-            raise TypeError("'tensors' is not an object")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ChecksumError(f"{path} is not a valid checksum file: {e}") from e
-    return want
+    return _read(as_path(directory) / CHECKSUM_FILE, "tensors")
 
 
 def check_leaf(directory: Path, want: Optional[dict], name: str, arr: np.ndarray) -> None:
@@ -95,21 +103,11 @@ EXPORT_CHECKSUM_FILE = "tensor_checksums.json"
 
 def write_export(directory: Path, sums: dict[str, dict[str, int]]) -> None:
     """weight file -> tensor name -> CRC-32 of its bytes as written (what `verify_tensor` reads)."""
-    body = {"algorithm": "crc32", "files": sums}
-    (as_path(directory) / EXPORT_CHECKSUM_FILE).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    _write(as_path(directory) / EXPORT_CHECKSUM_FILE, "files", sums)
 
 
 def export_sums(directory: Path) -> Optional[dict]:
-    path = as_path(directory) / EXPORT_CHECKSUM_FILE
-    if not path.is_file():
-        return None
-    try:
-        files = json.loads(path.read_text())["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not an object")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ChecksumError(f"{path} is not a valid checksum file: {e}") from e
-    return files
+    return _read(as_path(directory) / EXPORT_CHECKSUM_FILE, "files")
 
 
 def verify_tensor(sums: Optional[dict], file: Path, name: str, arr: np.ndarray) -> None:

@@ -215,17 +215,19 @@ def _llm_config(t: _Fields) -> LLMConfig:
         rope_theta=rope if rope is not None else t.get("rope_theta", 10000.0, float, True),
         max_position_embeddings=t.get("max_position_embeddings", 4096, int, True),
         tie_word_embeddings=t.get("tie_word_embeddings", False, bool))
-    if out.hidden_size % out.num_heads:
-        raise CheckpointError(f"{t.file}: {t.name('num_attention_heads')} {out.num_heads} does not divide "
-                              f"{t.name('hidden_size')} {out.hidden_size}")
-    if out.num_heads % out.num_kv_heads:
-        raise CheckpointError(f"{t.file}: {t.name('num_key_value_heads')} {out.num_kv_heads} does not divide "
-                              f"{t.name('num_attention_heads')} {out.num_heads}")
+    _check_divides(t, "num_attention_heads", out.num_heads, "hidden_size", out.hidden_size)
+    _check_divides(t, "num_key_value_heads", out.num_kv_heads, "num_attention_heads", out.num_heads)
     hd = t.get("head_dim", out.head_dim, int, True)
     if hd != out.head_dim:
         raise CheckpointError(f"{t.file}: {t.name('head_dim')} {hd} is not hidden_size / num_attention_heads "
                               f"= {out.head_dim} (LLaMA's layout)")
     return out
+
+
+def _check_divides(f, small: str, a: int, big: str, b: int) -> None:
+    """`a` (field `small`) must divide `b` (field `big`) of the config fields `f`."""
+    if b % a:
+        raise CheckpointError(f"{f.file}: {f.name(small)} {a} does not divide {f.name(big)} {b}")
 
 
 def _vision_config(v, select_layer: int, file: Path = Path("config.json")) -> VisionConfig:
@@ -236,9 +238,7 @@ def _vision_config(v, select_layer: int, file: Path = Path("config.json")) -> Vi
         num_heads=v.get("num_attention_heads", 16, int, True),
         intermediate_size=v.get("intermediate_size", 4096, int, True),
         layer_norm_eps=v.get("layer_norm_eps", 1e-5, float, True), select_layer=select_layer)
-    if out.hidden_size % out.num_heads:
-        raise CheckpointError(f"{v.file}: {v.name('num_attention_heads')} {out.num_heads} does not divide "
-                              f"{v.name('hidden_size')} {out.hidden_size}")
+    _check_divides(v, "num_attention_heads", out.num_heads, "hidden_size", out.hidden_size)
     if out.image_size % out.patch_size:
         raise CheckpointError(f"{v.file}: {v.name('image_size')} {out.image_size} is not a multiple of "
                               f"{v.name('patch_size')} {out.patch_size}")

@@ -424,7 +424,7 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
     else:
         out, image_keep, in_cache = _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths,
                                                         image_start, pixels, keys, temperature,
-                                                        top_p, place, local)
+                                                        top_p, place, local, batch.tokens.shape[0])
         evicted = np.zeros((batch.tokens.shape[0],), bool)
     out = local(out)
     new_ids = []
@@ -439,10 +439,9 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
 
 
 def _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths, image_start, pixels, keys,
-                       temperature, top_p, place, local):
-    """`place` puts this process's rows of a new batch array on the devices, `local` reads
-    them back (see `generate`)."""
-    b_local = local(lengths).shape[0]
+                       temperature, top_p, place, local, b_local):
+    """`place` puts this process's rows (`b_local` of them) of a new batch array on the
+    devices, `local` reads them back (see `generate`)."""
     n = opts.max_new_tokens
     feats = _jit_features(params, pixels, cfg=cfg) if pixels is not None else None
     seq = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=cfg.pad_token_id)

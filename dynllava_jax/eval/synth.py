@@ -243,30 +243,32 @@ def plot_sweep(summaries: list[dict], path: Path) -> Optional[Path]:
     vis = [s for s in summaries if s.get("sweep") == "vision"]
     txt = [s for s in summaries if s.get("sweep") == "text"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    if vis:
-        x = [s["prefill_flops_vs_dense"] for s in vis]
-        ax[0].plot(x, [100 * s["accuracy"]["short_answers"] for s in vis], "o-")
-        for s, xi in zip(vis, x):
-            ax[0].annotate(f"{s['vision_keep_rate']:g}", (xi, 100 * s["accuracy"]["short_answers"]),
-                           textcoords="offset points", xytext=(3, -10), fontsize=8)
-        ax[0].set_xlabel("prefill FLOPs / dense")
-        ax[0].set_ylabel("accuracy, short answers (%)")
-        ax[0].set_title("vision keep rate sweep (labels: rate)")
-        ax[0].grid(alpha=0.3)
-    if txt:
-        x = [s["kv_bytes_vs_dense"] for s in txt]
-        ax[1].plot(x, [100 * s["accuracy"]["describe"] for s in txt], "o-", color="C1")
-        for s, xi in zip(txt, x):
-            ax[1].annotate(f"{s['text_kv_budget']:g}", (xi, 100 * s["accuracy"]["describe"]),
-                           textcoords="offset points", xytext=(3, -10), fontsize=8)
-        ax[1].set_xlabel("KV-cache bytes occupied / dense")
-        ax[1].set_ylabel("describe: sentences reproduced (%)")
-        ax[1].set_title("text KV budget sweep (labels: budget)")
-        ax[1].grid(alpha=0.3)
+    _sweep_panel(ax[0], vis, "prefill_flops_vs_dense", "short_answers", "vision_keep_rate",
+                 "prefill FLOPs / dense", "accuracy, short answers (%)",
+                 "vision keep rate sweep (labels: rate)", "C0")
+    _sweep_panel(ax[1], txt, "kv_bytes_vs_dense", "describe", "text_kv_budget",
+                 "KV-cache bytes occupied / dense", "describe: sentences reproduced (%)",
+                 "text KV budget sweep (labels: budget)", "C1")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _sweep_panel(ax, rows, x_key, acc_key, label_key, xlabel, ylabel, title, color) -> None:
+    """Accuracy against a cost ratio, each point labelled with its sweep value."""
+    if not rows:
+        return
+    x = [r[x_key] for r in rows]
+    y = [100 * r["accuracy"][acc_key] for r in rows]
+    ax.plot(x, y, "o-", color=color)
+    for r, xi, yi in zip(rows, x, y):
+        ax.annotate(f"{r[label_key]:g}", (xi, yi), textcoords="offset points", xytext=(3, -10),
+                    fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
 
 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
