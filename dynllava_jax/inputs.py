@@ -26,14 +26,20 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def length_bucket(n: int, limit: int | None = None, smallest: int = 64) -> int:
-    """The padded length of an ``n``-token sequence: ``smallest``, then 1.5x and 2x steps
-    (64, 96, 128, 192, 256, 384, 512, 768, ...), at most ``limit``.
+    """The padded length of an ``n``-token sequence: ``smallest``, then 1.5x and 2x steps up
+    to 512 (64, 96, 128, 192, 256, 384, 512), then steps of an eighth of the power of two
+    below (512 + 64k up to 1024, 1024 + 128k up to 2048, ...), at most ``limit``.
 
-    A few geometric buckets bound the compiled shapes of a run to a handful (each costs a
-    compile and hundreds of memory mappings) while padding at most a third of the length."""
+    A few buckets bound the compiled shapes of a run (each costs a compile and hundreds of
+    memory mappings); above 512, where LLaVA's prompts lie (576 image tokens plus the
+    text), a prefill computes every padded position, so the steps are finer there: at most
+    an eighth is padding (631 tokens -> 640, not 768)."""
     b = smallest
     while b < n:
-        b = b * 3 // 2 if (b & (b - 1)) == 0 else b // 3 * 4  # 2^k -> 1.5 * 2^k -> 2^(k+1)
+        if b >= 512:
+            b += (1 << (b.bit_length() - 1)) // 8
+        else:
+            b = b * 3 // 2 if (b & (b - 1)) == 0 else b // 3 * 4  # 2^k -> 1.5 * 2^k -> 2^(k+1)
     return b if limit is None else min(b, limit)
 
 

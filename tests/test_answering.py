@@ -92,8 +92,9 @@ def whole(model, folder, tmp_path_factory):
 
 
 def test_prompt_bucket_ladder():
-    assert [prompt_bucket(n, 10_000) for n in (1, 64, 65, 97, 129, 200, 300, 400, 600, 700, 800)] == \
-        [64, 64, 96, 128, 192, 256, 384, 512, 768, 768, 1024]
+    assert [prompt_bucket(n, 10_000) for n in (1, 64, 65, 97, 129, 200, 300, 400, 513, 631, 641,
+                                                700, 1000, 1025, 1200, 2049)] == \
+        [64, 64, 96, 128, 192, 256, 384, 512, 576, 640, 704, 704, 1024, 1152, 1280, 2304]
     assert prompt_bucket(700, 600) == 600 and prompt_bucket(10, 32) == 32
 
 
