@@ -30,8 +30,8 @@ def length_bucket(n: int, limit: int | None = None, smallest: int = 64) -> int:
     to 512 (64, 96, 128, 192, 256, 384, 512), then steps of an eighth of the power of two
     below (512 + 64k up to 1024, 1024 + 128k up to 2048, ...), at most ``limit``.
 
-    A few buckets bound the compiled shapes of a run (each costs a compile and hundreds of
-    memory mappings); above 512, where LLaVA's prompts lie (576 image tokens plus the
+    The buckets bound the compiled shapes of a run (each costs a compile and hundreds of
+    memory mappings: 7 up to 512, then 8 per doubling); above 512, where LLaVA's prompts lie (576 image tokens plus the
     text), a prefill computes every padded position, so the steps are finer there: at most
     an eighth is padding (631 tokens -> 640, not 768)."""
     b = smallest
