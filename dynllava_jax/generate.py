@@ -84,10 +84,14 @@ def _compacted_length(t: int, all_have_images: bool, cfg: ModelConfig, opts: Gen
     return t - (cfg.num_image_tokens - opts.keep_k(cfg)) if all_have_images else t
 
 
-def _image_keep(params, cfg, opts, h, image_start, t):
-    """[B,T] False exactly for the image tokens the predictor prunes; kept indices [B,N]."""
+def _image_keep(params, cfg, opts, h, image_start, t, has_images: bool = True):
+    """[B,T] False exactly for the image tokens the predictor prunes; kept indices [B,N].
+
+    has_images False (no pixels: a text-only batch) skips the image predictor, whose
+    [B, heads, N, N] float32 scores over N placeholder tokens would be the largest buffer
+    of a text-only prefill."""
     is_img = image_token_mask(cfg.num_image_tokens, image_start, t)
-    if not opts.prune_vision(cfg):
+    if not (has_images and opts.prune_vision(cfg)):
         return jnp.ones(is_img.shape, bool), jnp.ones((h.shape[0], cfg.num_image_tokens), bool)
     logits = image_scores(params, cfg, h, image_start)
     score = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
@@ -159,7 +163,7 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
     dense_c, sparse_c = S.constrain_caches(layout.init(), mesh)
     x, dense_c = run_stack(pre, cfg.llm, dt, x, pos, lengths, dense_c)
 
-    keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, t)
+    keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, t, feats is not None)
     idx, cvalid = compaction_indices(keep_t & (pos < lengths[:, None]), compact_len)
     xc, posc = gather_tokens(x, idx), gather_tokens(pos, idx)
     count = cvalid.sum(-1).astype(jnp.int32)
@@ -270,7 +274,8 @@ def no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, st
         valid = pos < cur[:, None]
         x = embed_inputs(params, cfg, seq[:, :full_len], feats, image_start)
         x, _ = run_stack(pre, cfg.llm, dt, x, pos, cur)
-        keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, full_len)
+        keep_t, keep_n = _image_keep(params, cfg, opts, x, image_start, full_len,
+                                     feats is not None)
         gen_keep, _ = _text_keep(params, cfg, opts, x)
         is_gen = (pos >= lengths[:, None]) & (pos < cur[:, None] - 1)
         keep = valid & keep_t & (~is_gen | gen_keep)

@@ -105,3 +105,25 @@ def test_decode_step_bytes_near_minimum():
             weights += nbytes(params["text_predictor"])
         caches = nbytes(state.dense) + nbytes(state.sparse)  # an upper bound on the slots read
         assert cost["bytes accessed"] < 1.3 * (weights + caches), mode
+
+
+def test_text_only_prefill_skips_the_image_predictor(setup):
+    """A batch without pixels never runs the image predictor (its [B, heads, N, N] scores
+    over placeholder tokens were a text-only prefill's largest buffer): the compiled
+    dynamic prefill then needs no more scratch memory than the dense one."""
+    cfg, params, _, _ = setup
+    batch = prepare_batch([[1, 5, 9, 11], [1, 7]], cfg.num_image_tokens, pad_to=64)
+    args = (jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), jnp.asarray(batch.image_start))
+
+    def lowered(mode, pixels):
+        opts = GenOptions(max_new_tokens=4, mode=mode)
+        return jit_prefill.lower(params, *args, pixels, cfg=cfg, opts=opts,
+                                 compact_len=compacted_length(batch, cfg, opts))
+
+    s = cfg.vision.image_size
+    with_image = lowered("dynamic", jnp.zeros((2, 3, s, s), jnp.float32)).compile().as_text()
+    assert "/ImagePredictor/" in with_image  # the op name the check below looks for
+    dyn = lowered("dynamic", None).compile()
+    assert "/ImagePredictor/" not in dyn.as_text()
+    dense = lowered("dense", None).compile()
+    assert dyn.memory_analysis().temp_size_in_bytes <= dense.memory_analysis().temp_size_in_bytes
