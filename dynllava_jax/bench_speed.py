@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import PRESETS, LLMConfig, ModelConfig, SparseConfig, VisionConfig, preset
-from .generate import (GenOptions, compacted_length, decode_step, generate, inference_params,
-                       jit_decode, jit_prefill, kv_bytes)
+from .generate import (DecodeJit, GenOptions, compacted_length, decode_step, generate,
+                       inference_params, jit_decode, jit_prefill, kv_bytes)
 from .inputs import IMAGE_MARKER, Batch, length_bucket, prepare_batch
 from .model import init_params
 from .sampling import row_keys
@@ -174,7 +174,8 @@ class Ours:
         """XLA's bytes accessed by one compiled decoding step vs the minimum it must move."""
         cfg, b = self.cfg, self.b
         logits, state = self.prefill()
-        step = jax.jit(functools.partial(decode_step, cfg=cfg, opts=self.opts), donate_argnums=(2,))
+        # Compiled as `decode_loop` is (DecodeJit: the backend's decoding options).
+        step = DecodeJit(functools.partial(decode_step, cfg=cfg, opts=self.opts), donate_argnums=(2,))
         tok = jnp.zeros((b,), jnp.int32)
         compiled = step.lower(self.params, tok, state).compile()
         cost = compiled.cost_analysis()

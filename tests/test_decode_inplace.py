@@ -127,3 +127,31 @@ def test_text_only_prefill_skips_the_image_predictor(setup):
     assert "/ImagePredictor/" not in dyn.as_text()
     dense = lowered("dense", None).compile()
     assert dyn.memory_analysis().temp_size_in_bytes <= dense.memory_analysis().temp_size_in_bytes
+
+
+def test_decoding_compiles_with_the_backends_decode_options(setup, monkeypatch, caplog):
+    """On CPU the decoding loop is compiled without XLA's YNNPACK dot fusions (slower on a
+    step's few-row matmuls), the prefill with them; an option this XLA lacks is dropped with
+    a warning, and decoding still runs."""
+    from dynllava_jax import generate as G
+    cfg, params, batch, pixels = setup
+    opts = GenOptions(max_new_tokens=3, mode="dynamic")
+    keys = row_keys(jax.random.PRNGKey(0), np.arange(3))
+    logits, state = _prefill(cfg, params, batch, pixels, opts)
+    args = (params, logits, state, keys, jnp.float32(1), jnp.float32(1))
+    decode_hlo = jit_decode.lower(*args, cfg=cfg, opts=opts).compile().as_text()
+    prefill_hlo = jit_prefill.lower(
+        params, jnp.asarray(batch.tokens), jnp.asarray(batch.lengths), jnp.asarray(batch.image_start),
+        jnp.asarray(pixels), cfg=cfg, opts=opts,
+        compact_len=compacted_length(batch, cfg, opts)).compile().as_text()
+    assert "__ynn_fusion" in prefill_hlo and "__ynn_fusion" not in decode_hlo
+    want, _, _ = jit_decode(*args, cfg=cfg, opts=opts)
+
+    monkeypatch.setitem(G.DECODE_COMPILER_OPTIONS, "cpu", {"xla_cpu_no_such_option": ""})
+    fresh = G.DecodeJit(G.decode_loop, static_argnames=("cfg", "opts", "mesh"),
+                        donate_argnames=("state",))
+    logits, state = _prefill(cfg, params, batch, pixels, opts)
+    with caplog.at_level("WARNING"):
+        got, _, _ = fresh(params, logits, state, keys, jnp.float32(1), jnp.float32(1), cfg=cfg, opts=opts)
+    assert "xla_cpu_no_such_option" in caplog.text
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

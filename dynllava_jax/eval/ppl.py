@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generate import GenOptions, compacted_length, decode_step, jit_prefill
+from ..generate import DecodeJit, GenOptions, compacted_length, decode_step, jit_prefill
 from ..inputs import expanded_length, prepare_batch, round_up
 from ..inference import Request, prompt_bucket
 from .files import UserError, read_json, read_jsonl
@@ -35,7 +35,7 @@ from .files import UserError, read_json, read_jsonl
 ANSWER_BUCKET = 32  # answers are padded to a multiple of this: one compile serves many batches
 
 
-@partial(jax.jit, static_argnames=("cfg", "opts"))
+@partial(DecodeJit, static_argnames=("cfg", "opts"))  # compiled as the decoding loop is
 def forced_steps(params, first_logits, state, targets_BN, target_len_B, *, cfg, opts):
     """After `prefill`: log-probabilities [B, N] of the targets fed through the cache one at a time
     (0 past target_len), each step's argmax [B, N], generated tokens kept in the sparse caches
