@@ -70,6 +70,8 @@ class SignalAt:
 
 
 def test_ctrl_c_saves_at_the_step_boundary_and_resumes_bit_exact(straight, tmp_path):
+    # The handler in place before (Python's default; SIG_IGN in a pytest-xdist worker).
+    before = signal.getsignal(signal.SIGINT)
     tr = T.Trainer(tiny_config(), tmp_path, progress=False)
     tr.iterator = SignalAt(tr.iterator, 3, signal.SIGINT)
     tr.run()
@@ -77,7 +79,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_resumes_bit_exact(straight, tmp_p
     assert tr.stopped == "SIGINT" and tr.step == 3
     assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == 3
     assert not (tmp_path / "export").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
     assert finish(tmp_path) == 3
     assert_same_losses(T.read_metrics(tmp_path), straight)
 
