@@ -20,20 +20,20 @@ def get_config():
     c.sparse.use_vision_predictor = False
     c.sparse.use_output_text_predictor = False
     c.optim.train_vision = True                # nothing is pretrained
-    c.optim.lr = 2e-3
+    c.optim.lr = 5e-4
     c.optim.predictor_lr = 0.0
-    c.optim.warmup_ratio = 0.03
-    c.optim.weight_decay = 0.0
+    c.optim.warmup_ratio = 0.05
+    c.optim.weight_decay = 0.05
     c.train.global_batch_size = 8
-    c.train.total_steps = 340
+    c.train.total_steps = 4000
     c.train.remat = "none"
     c.train.log_every = 10
     c.mesh.data = -1
     c.mesh.fsdp = 1
-    c.checkpoint.every = 50
+    c.checkpoint.every = 250
     c.data.json_path = "data/synthvqa/train.json"
     c.data.image_folder = "data/synthvqa"
-    c.data.seq_len = 352
-    c.data.model_max_length = 352
+    c.data.seq_len = 384   # the 7-question records are ~364-379 tokens
+    c.data.model_max_length = 384
     c.data.read_threads = 2
     return c

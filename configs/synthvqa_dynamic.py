@@ -16,9 +16,9 @@ def get_config():
     c.assets_dir = ""
     c.sparse.use_vision_predictor = True
     c.sparse.use_output_text_predictor = True
-    c.optim.lr = 3e-4
+    c.optim.lr = 2e-4
     c.optim.predictor_lr = 1e-3
-    c.train.total_steps = 70
+    c.train.total_steps = 1000
     c.train.seed = 1
-    c.checkpoint.every = 35
+    c.checkpoint.every = 250
     return c

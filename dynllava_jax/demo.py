@@ -73,5 +73,7 @@ def accuracy_note(checkpoint: Path) -> str:
     acc = {k: runs[k]["accuracy"]["overall"] for k in ("dense", "dynamic") if k in runs}
     n = max((r["questions"] for r in runs.values()), default=0)
     figures = ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items())
-    return (f"held-out accuracy of this model ({n} questions, eval/synth_eval.md): {figures}. "
-            "It is undertrained (about chance: see the README); this example is one it answers right.")
+    note = f"held-out accuracy of this model ({n} questions, eval/synth_eval.md): {figures}."
+    if acc and min(acc.values()) < 0.5:  # near the question types' chance rates (~27 %)
+        note += " It is undertrained (see the README); this example is one it answers right."
+    return note

@@ -145,3 +145,16 @@ def test_no_arguments_answers_the_bundled_question():
     assert ans["prefill_flops_vs_dense"] < 1 and ans["kv_bytes"] < ans["kv_bytes_dense"]
     plain = infer()
     assert plain.returncode == 0 and f"answer: {ex['answer']}\n" in plain.stdout, plain.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dense,dynamic,undertrained", [(0.25, 0.24, True), (0.86, 0.85, False)])
+def test_accuracy_note_says_undertrained_only_when_it_is(tmp_path, dense, dynamic, undertrained):
+    from dynllava_jax.demo import accuracy_note
+    assert "not measured" in accuracy_note(tmp_path)
+    (tmp_path / "eval").mkdir()
+    modes = [{"run": k, "questions": 480, "accuracy": {"overall": v}}
+             for k, v in (("dense", dense), ("dynamic", dynamic))]
+    (tmp_path / "eval" / "synth_eval.json").write_text(json.dumps({"modes": modes}))
+    note = accuracy_note(tmp_path)
+    assert f"dense {100 * dense:.1f} %, dynamic {100 * dynamic:.1f} %" in note
+    assert ("undertrained" in note) == undertrained

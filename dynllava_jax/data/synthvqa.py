@@ -34,7 +34,7 @@ describe    Describe the image in detail.                             60-200 tok
     out/tokenizer/                  sentencepiece tokenizer trained on the generated text +
                                     preprocessor_config.json (what `init_from=random` needs)
 
-    python -m dynllava_jax.data.synthvqa --out data/synthvqa [--train-images 4000 --seed 0]
+    python -m dynllava_jax.data.synthvqa --out data/synthvqa [--train-images 12000 --seed 0]
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def tokenizer_corpus(records: list[dict]) -> list[str]:
     return lines
 
 
-def write_synthvqa(out_dir, train_images: int = 4000, eval_images: int = 160, seed: int = 0,
+def write_synthvqa(out_dir, train_images: int = 12000, eval_images: int = 160, seed: int = 0,
                    eval_per_image: int = 3, describe_every: int = 3, vocab_size: int = 512,
                    progress: bool = False) -> dict:
     """Write the dataset and its tokenizer (see the module docstring); returns counts."""
@@ -472,7 +472,8 @@ def _write_lines(path: Path, rows) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Write the SynthVQA dataset and its tokenizer.")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--train-images", type=int, default=4000)
+    ap.add_argument("--train-images", type=int, default=12000,
+                    help="training images (default 12000: what the bundled model was trained on)")
     ap.add_argument("--eval-images", type=int, default=160)
     ap.add_argument("--eval-per-image", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
