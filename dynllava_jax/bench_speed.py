@@ -14,7 +14,8 @@ whole generation and answers/s. `--vs-torch` runs transformers' PyTorch
 interleaved with ours, medians of `--repeats` runs (dense only: transformers has no
 predictors). Bytes per decoding step: XLA's cost analysis of one compiled step against
 the minimum a step must move (every weight it uses once, the KV slots its rows hold at
-mid-generation, one slot written per layer). `--memory`: peak growth of the process
+mid-generation, one slot written per layer), and that minimum in milliseconds at the device's
+streaming rate (`stream_bandwidth`): the time a memory-bound step cannot beat. `--memory`: peak growth of the process
 (resident memory on CPU, the device's peak bytes elsewhere) during one whole
 generation, against the KV bytes `infer.py --json` reports as allocated.
 """
@@ -133,6 +134,22 @@ def make_inputs(cfg: ModelConfig, b: int, text_tokens: int, with_image: bool, se
     s = cfg.vision.image_size
     pixels = rng.normal(size=(b, 3, s, s)).astype(np.float32) if with_image else None
     return prompts, batch, pixels
+
+
+def stream_bandwidth(mib: int = 256, repeats: int = 20) -> float:
+    """Bytes per second the default device reads when streaming: the best of `repeats` jitted
+    sums over `mib` MiB of float32 (every byte read once). With it, a decoding step's minimum
+    bytes give its lower bound in time: a memory-bound step cannot be faster."""
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return mib * 2**20 / best
 
 
 def _block(tree):
@@ -319,6 +336,11 @@ def bench_speed(a) -> dict:
         "new_tokens": a.new_tokens, "repeats": a.repeats,
         "padded_prompt": length_bucket(prompt_len, cfg.llm.max_position_embeddings - a.new_tokens)},
         "batches": []}
+    bandwidth = None
+    if not a.no_bytes:
+        _log(a, "streaming bandwidth ...")
+        bandwidth = stream_bandwidth()
+        results["setup"]["stream_bytes_per_s"] = bandwidth
     for b in a.batch:
         prompts, batch, pixels = make_inputs(cfg, b, a.text_tokens, not a.text_only, a.seed, a.new_tokens)
         impls: dict[str, Any] = {}
@@ -349,7 +371,10 @@ def bench_speed(a) -> dict:
                               generated_kept_fraction=float(np.mean(warm[k]["in_cache"])) / (a.new_tokens - 1))
                 if not a.no_bytes:
                     _log(a, f"batch {b}: bytes per decoding step ({k}) ...")
-                    row[k]["decode_step_bytes"] = o.step_bytes(warm[k])
+                    sb = row[k]["decode_step_bytes"] = o.step_bytes(warm[k])
+                    # The step's minimum bytes at the streaming rate: what decoding cannot beat.
+                    sb["bound_ms"] = 1e3 * sb["minimum"] / bandwidth
+                    sb["decode_over_bound"] = row[k]["decode_ms_per_token"] / sb["bound_ms"]
         if "dense" in row and "dynamic" in row:
             row["dynamic_vs_dense"] = {m: row["dynamic"][m] / row["dense"][m]
                                        for m in ("prefill_ms", "decode_ms_per_token", "generation_s")}
@@ -415,7 +440,9 @@ def format_table(r: dict) -> str:
             if "decode_step_bytes" in d:
                 sb = d["decode_step_bytes"]
                 extra.append(f"bytes/step XLA {sb['xla_bytes_accessed'] / 2**20:.1f} MiB vs minimum "
-                             f"{sb['minimum'] / 2**20:.1f} MiB ({sb['ratio']:.2f}x)")
+                             f"{sb['minimum'] / 2**20:.1f} MiB ({sb['ratio']:.2f}x); minimum at "
+                             f"{s['stream_bytes_per_s'] / 1e9:.1f} GB/s streaming: {sb['bound_ms']:.2f} "
+                             f"ms/step, decode {sb['decode_over_bound']:.2f}x of it")
             if "memory" in d:
                 mm = d["memory"]
                 extra.append(f"peak growth {mm['peak_growth_bytes'] / 2**20:.0f} MiB = "

@@ -131,3 +131,24 @@ def test_cli_json_tiny():
 def test_cli_bad_flags():
     assert bench.main(["flops", "--model", "tiny", "--prompt-tokens", "10", "--quiet"]) == 2
     assert bench.main(["flops", "--model", "nope", "--quiet"]) == 2
+
+
+def test_bench_speed_tiny_reports_times_bytes_and_the_bandwidth_bound():
+    """`bench speed` in process on the tiny preset: per mode a time per token, XLA's bytes per
+    step against the minimum, and that minimum as a time at the measured streaming rate."""
+    import argparse
+    from dynllava_jax import bench_speed as BS
+    p = argparse.ArgumentParser()
+    BS.add_arguments(p)
+    a = p.parse_args(["--model", "tiny", "--batch", "2", "--new-tokens", "4", "--repeats", "1",
+                      "--text-tokens", "8", "--json", "--quiet"])
+    r = BS.bench_speed(a)
+    bw = r["setup"]["stream_bytes_per_s"]
+    assert bw > 1e8
+    (row,) = r["batches"]
+    for mode in ("dense", "dynamic"):
+        d, sb = row[mode], row[mode]["decode_step_bytes"]
+        assert d["decode_ms_per_token"] > 0 and sb["minimum"] > 0
+        assert sb["bound_ms"] == pytest.approx(1e3 * sb["minimum"] / bw)
+        assert sb["decode_over_bound"] == pytest.approx(d["decode_ms_per_token"] / sb["bound_ms"])
+    assert "GB/s streaming" in BS.format_table(r)
