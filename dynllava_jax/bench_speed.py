@@ -15,9 +15,9 @@ interleaved with ours, medians of `--repeats` runs (dense only: transformers has
 predictors). Bytes per decoding step: XLA's cost analysis of one compiled step against
 the minimum a step must move (every weight it uses once, the KV slots its rows hold at
 mid-generation, one slot written per layer), and that minimum in milliseconds at the device's
-streaming rate (`stream_bandwidth`): the time a memory-bound step cannot beat. `--memory`: peak growth of the process
-(resident memory on CPU, the device's peak bytes elsewhere) during one whole
-generation, against the KV bytes `infer.py --json` reports as allocated.
+streaming rate (`stream_bandwidth`): the time a memory-bound step cannot beat. `--memory`:
+peak growth of the process (resident memory on CPU, the device's peak bytes elsewhere) during
+one whole generation, against the KV bytes `infer.py --json` reports as allocated.
 """
 
 from __future__ import annotations

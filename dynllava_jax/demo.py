@@ -74,6 +74,6 @@ def accuracy_note(checkpoint: Path) -> str:
     n = max((r["questions"] for r in runs.values()), default=0)
     figures = ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items())
     note = f"held-out accuracy of this model ({n} questions, eval/synth_eval.md): {figures}."
-    if acc and min(acc.values()) < 0.5:  # near the question types' chance rates (~27 %)
+    if acc and min(acc.values()) < 0.5:  # right less than half the time: say so
         note += " It is undertrained (see the README); this example is one it answers right."
     return note

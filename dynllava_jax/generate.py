@@ -333,7 +333,7 @@ class DecodeJit:
         except jax.errors.JaxRuntimeError as e:
             if "No such compile option" not in str(e):
                 raise
-            logger.warning("this XLA has no %s: decoding compiles with its defaults", e)
+            logger.warning("decoding compiles with XLA's default options (%s)", e)
             self._by_backend[jax.default_backend()] = jax.jit(self.fn, **self.jit_kwargs)
             return self.jitted()(*args, **kwargs)
 
