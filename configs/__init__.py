@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.train_projector = True     # official code: True; the paper: frozen
     c.optim.train_llm = True
     c.optim.train_vision = False       # True: train the vision tower too (from scratch)
+    c.optim.vision_lr_scale = 1.0      # the trained vision tower's lr = lr x this
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 64

@@ -8,6 +8,8 @@
   (`lr`, 5e-6: LLM and projector), each AdamW (weight decay 0 by default) with linear
   warm-up over `warmup_ratio` of the steps, then cosine decay to 0 (HF
   `get_cosine_schedule_with_warmup`: lr(0) = 0; warm-up steps = ceil(ratio * total)).
+* `vision_lr_scale` (default 1): the vision tower's updates times this factor, when it is
+  trained (`train_vision`; a tower learnt from random weights may want a larger step).
 * Gradient clipping by the global norm over all trainable parameters (HF
   `max_grad_norm = 1.0`), before the update.
 Gradient accumulation is done by the train step (a scan over micro-batches), not here.
@@ -96,9 +98,21 @@ def make_optimizer(ocfg: Any, total_steps: int) -> tuple[optax.GradientTransform
         {"main": adamw(scheds["lr"], ocfg.weight_decay),
          "predictor": adamw(scheds["predictor_lr"], ocfg.predictor_weight_decay)},
         group_labels)
+    scale = float(getattr(ocfg, "vision_lr_scale", 1.0))
+    if scale != 1.0:  # only then: the optimiser state of existing runs keeps its structure
+        tx = optax.chain(tx, scale_group("vision", scale))
     if ocfg.max_grad_norm and ocfg.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(ocfg.max_grad_norm), tx)
     return tx, scheds
+
+
+def scale_group(group: str, factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of one top-level parameter group by `factor` (stateless): its
+    learning rate, weight decay included, times `factor`."""
+    def update(updates, state, params=None):
+        return {k: (jax.tree_util.tree_map(lambda u: u * factor, v) if k == group else v)
+                for k, v in updates.items()}, state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def cast_tree(tree, dtype):

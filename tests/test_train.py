@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -195,3 +196,30 @@ def test_two_hosts_train_and_export(tmp_path):
     _, b = load_converted(again / "export")
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_vision_lr_scale_multiplies_only_the_towers_updates():
+    """`optim.vision_lr_scale` = 4: the vision tower's updates are 4x those of scale 1 (its
+    learning rate, weight decay included), every other group's are unchanged; at 1 the
+    optimiser state keeps its structure (existing runs resume)."""
+    oc = tiny_config().optim
+    oc.weight_decay = 0.1
+    params = {"vision": {"w": {"kernel": jnp.ones((3, 2))}}, "llm": {"w": {"kernel": jnp.ones((2, 2))}}}
+    grads = jax.tree_util.tree_map(lambda x: 0.5 * x, params)
+    updates = {}
+    for scale in (1.0, 4.0):
+        oc.vision_lr_scale = scale
+        tx, _ = optim.make_optimizer(oc, 10)
+        state = tx.init(params)
+        _, state = tx.update(grads, state, params)  # step 0 has lr 0 (warm-up)
+        updates[scale], _ = tx.update(grads, state, params)
+        if scale == 1.0:
+            base_def = jax.tree_util.tree_structure(state)
+    v1, v4 = updates[1.0]["vision"]["w"]["kernel"], updates[4.0]["vision"]["w"]["kernel"]
+    assert float(jnp.abs(v1).max()) > 0
+    np.testing.assert_allclose(np.asarray(v4), 4 * np.asarray(v1), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(updates[4.0]["llm"]["w"]["kernel"]),
+                                  np.asarray(updates[1.0]["llm"]["w"]["kernel"]))
+    del oc.vision_lr_scale  # a config without the field (an older run.json): scale 1
+    tx, _ = optim.make_optimizer(oc, 10)
+    assert jax.tree_util.tree_structure(tx.init(params)) == base_def
