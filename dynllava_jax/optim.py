@@ -100,19 +100,12 @@ def make_optimizer(ocfg: Any, total_steps: int) -> tuple[optax.GradientTransform
         group_labels)
     scale = float(getattr(ocfg, "vision_lr_scale", 1.0))
     if scale != 1.0:  # only then: the optimiser state of existing runs keeps its structure
-        tx = optax.chain(tx, scale_group("vision", scale))
+        vision_only = lambda tree: {k: jax.tree_util.tree_map(lambda _: k == "vision", v)
+                                    for k, v in tree.items()}
+        tx = optax.chain(tx, optax.masked(optax.scale(scale), vision_only))
     if ocfg.max_grad_norm and ocfg.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(ocfg.max_grad_norm), tx)
     return tx, scheds
-
-
-def scale_group(group: str, factor: float) -> optax.GradientTransformation:
-    """Multiply the updates of one top-level parameter group by `factor` (stateless): its
-    learning rate, weight decay included, times `factor`."""
-    def update(updates, state, params=None):
-        return {k: (jax.tree_util.tree_map(lambda u: u * factor, v) if k == group else v)
-                for k, v in updates.items()}, state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def cast_tree(tree, dtype):
