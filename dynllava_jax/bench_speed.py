@@ -15,7 +15,9 @@ interleaved with ours, medians of `--repeats` runs (dense only: transformers has
 predictors). Bytes per decoding step: XLA's cost analysis of one compiled step against
 the minimum a step must move (every weight it uses once, the KV slots its rows hold at
 mid-generation, one slot written per layer), and that minimum in milliseconds at the device's
-streaming rate (`stream_bandwidth`): the time a memory-bound step cannot beat. `--memory`:
+streaming rate (`stream_bandwidth`): the time a memory-bound step cannot beat; and the
+prefill's FLOPs (XLA's cost analysis, layer scans unrolled), so that dynamic/dense prefill
+time can be read against dynamic/dense compute. `--memory`:
 peak growth of the process (resident memory on CPU, the device's peak bytes elsewhere) during
 one whole generation, against the KV bytes `infer.py --json` reports as allocated.
 """
@@ -38,7 +40,7 @@ import numpy as np
 
 from .config import PRESETS, LLMConfig, ModelConfig, SparseConfig, VisionConfig, preset
 from .generate import (DecodeJit, GenOptions, compacted_length, decode_step, generate,
-                       inference_params, jit_decode, jit_prefill, kv_bytes)
+                       inference_params, jit_decode, jit_prefill, kv_bytes, prefill)
 from .inputs import IMAGE_MARKER, Batch, length_bucket, prepare_batch
 from .model import init_params
 from .sampling import row_keys
@@ -76,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time whole generations without a KV cache (slow: a prompt pass per token)")
     p.add_argument("--memory", action="store_true",
                    help="measure the process's peak memory growth during one whole generation")
-    p.add_argument("--no-bytes", action="store_true", help="skip the bytes-per-step cost analysis")
+    p.add_argument("--no-bytes", action="store_true", help="skip the cost analyses (prefill FLOPs, bytes per decoding step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -186,6 +188,14 @@ class Ours:
         return {"prefill": t1 - t0, "decode": t2 - t1, "start": start,
                 "end": (np.asarray(state.dense_len), np.asarray(state.sparse_len)),
                 "in_cache": np.asarray(stats["generated_in_cache"]), "tokens": np.asarray(out)}
+
+    def prefill_flops(self) -> float:
+        """XLA's FLOPs of the prefill (layer scans unrolled: cost analysis counts a loop
+        body once), to compare the prefill's time ratio with its compute ratio."""
+        from .bench_flops import xla_flops
+        abstract = lambda x: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+        args = jax.tree_util.tree_map(abstract, (self.params, *self.args))
+        return xla_flops(prefill, args, {"cfg": self.cfg, "opts": self.opts, "compact_len": self.clen})
 
     def step_bytes(self, run: dict) -> dict:
         """XLA's bytes accessed by one compiled decoding step vs the minimum it must move."""
@@ -370,14 +380,16 @@ def bench_speed(a) -> dict:
                               tokens_after_pruning=o.clen,
                               generated_kept_fraction=float(np.mean(warm[k]["in_cache"])) / (a.new_tokens - 1))
                 if not a.no_bytes:
-                    _log(a, f"batch {b}: bytes per decoding step ({k}) ...")
+                    _log(a, f"batch {b}: prefill FLOPs and bytes per decoding step ({k}) ...")
+                    row[k]["prefill_flops"] = o.prefill_flops()
                     sb = row[k]["decode_step_bytes"] = o.step_bytes(warm[k])
                     # The step's minimum bytes at the streaming rate: what decoding cannot beat.
                     sb["bound_ms"] = 1e3 * sb["minimum"] / bandwidth
                     sb["decode_over_bound"] = row[k]["decode_ms_per_token"] / sb["bound_ms"]
         if "dense" in row and "dynamic" in row:
             row["dynamic_vs_dense"] = {m: row["dynamic"][m] / row["dense"][m]
-                                       for m in ("prefill_ms", "decode_ms_per_token", "generation_s")}
+                                       for m in ("prefill_ms", "decode_ms_per_token", "generation_s",
+                                                 "prefill_flops") if m in row["dense"]}
         if "torch" in row:
             for k in a.modes:
                 row[f"{k}_vs_torch"] = {m: row[k][m] / row["torch"][m]
@@ -418,7 +430,7 @@ def format_table(r: dict) -> str:
              f"MLP {s['mlp']}), {s['dtype']}, {s['backend']} ({s['device']}), {s['image_tokens']} image + "
              f"{s['text_tokens']} text tokens, {s['new_tokens']} new tokens, median of {s['repeats']}", ""]
     lines.append("| batch | prefill ms torch / dense / dynamic | decode ms/token torch / dense / dynamic "
-                 "| dense/torch decode | dynamic/torch decode | dynamic/dense prefill |")
+                 "| dense/torch decode | dynamic/torch decode | dynamic/dense prefill time (FLOPs) |")
     lines.append("|---|---|---|---|---|---|")
     for row in r["batches"]:
         g = lambda k, m: row.get(k, {}).get(m)
@@ -429,7 +441,8 @@ def format_table(r: dict) -> str:
             f"{_fmt(g('dense', 'decode_ms_per_token'))} / {_fmt(g('dynamic', 'decode_ms_per_token'))} | "
             f"{_fmt(ratio('dense_vs_torch', 'decode_ms_per_token'), '.2f')}x | "
             f"{_fmt(ratio('dynamic_vs_torch', 'decode_ms_per_token'), '.2f')}x | "
-            f"{_fmt(ratio('dynamic_vs_dense', 'prefill_ms'), '.2f')}x |")
+            f"{_fmt(ratio('dynamic_vs_dense', 'prefill_ms'), '.2f')}x "
+            f"({_fmt(ratio('dynamic_vs_dense', 'prefill_flops'), '.2f')}x) |")
     lines.append("")
     for row in r["batches"]:
         for k in ("dense", "dynamic"):

@@ -151,4 +151,8 @@ def test_bench_speed_tiny_reports_times_bytes_and_the_bandwidth_bound():
         assert d["decode_ms_per_token"] > 0 and sb["minimum"] > 0
         assert sb["bound_ms"] == pytest.approx(1e3 * sb["minimum"] / bw)
         assert sb["decode_over_bound"] == pytest.approx(d["decode_ms_per_token"] / sb["bound_ms"])
+        assert d["prefill_flops"] > 0
+    assert row["dynamic_vs_dense"]["prefill_flops"] == pytest.approx(
+        row["dynamic"]["prefill_flops"] / row["dense"]["prefill_flops"])
+    assert row["dynamic_vs_dense"]["prefill_flops"] < 1  # image tokens pruned after layer 2
     assert "GB/s streaming" in BS.format_table(r)
