@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time whole generations without a KV cache (slow: a prompt pass per token)")
     p.add_argument("--memory", action="store_true",
                    help="measure the process's peak memory growth during one whole generation")
-    p.add_argument("--no-bytes", action="store_true", help="skip the cost analyses (prefill FLOPs, bytes per decoding step)")
+    p.add_argument("--no-bytes", action="store_true",
+                   help="skip the cost analyses (prefill FLOPs, bytes per decoding step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
