@@ -435,15 +435,14 @@ def format_table(r: dict) -> str:
     lines.append("|---|---|---|---|---|---|")
     for row in r["batches"]:
         g = lambda k, m: row.get(k, {}).get(m)
-        ratio = lambda k, m: row.get(k, {}).get(m)
         lines.append(
             f"| {row['batch']} | {_fmt(g('torch', 'prefill_ms'), '.0f')} / {_fmt(g('dense', 'prefill_ms'), '.0f')} / "
             f"{_fmt(g('dynamic', 'prefill_ms'), '.0f')} | {_fmt(g('torch', 'decode_ms_per_token'))} / "
             f"{_fmt(g('dense', 'decode_ms_per_token'))} / {_fmt(g('dynamic', 'decode_ms_per_token'))} | "
-            f"{_fmt(ratio('dense_vs_torch', 'decode_ms_per_token'), '.2f')}x | "
-            f"{_fmt(ratio('dynamic_vs_torch', 'decode_ms_per_token'), '.2f')}x | "
-            f"{_fmt(ratio('dynamic_vs_dense', 'prefill_ms'), '.2f')}x "
-            f"({_fmt(ratio('dynamic_vs_dense', 'prefill_flops'), '.2f')}x) |")
+            f"{_fmt(g('dense_vs_torch', 'decode_ms_per_token'), '.2f')}x | "
+            f"{_fmt(g('dynamic_vs_torch', 'decode_ms_per_token'), '.2f')}x | "
+            f"{_fmt(g('dynamic_vs_dense', 'prefill_ms'), '.2f')}x "
+            f"({_fmt(g('dynamic_vs_dense', 'prefill_flops'), '.2f')}x) |")
     lines.append("")
     for row in r["batches"]:
         for k in ("dense", "dynamic"):
