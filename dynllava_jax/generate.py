@@ -327,18 +327,44 @@ class DecodeJit:
             self._by_backend[backend] = jax.jit(self.fn, **kw)
         return self._by_backend[backend]
 
+    def _without_options(self, e: Exception) -> bool:
+        """After a compile error: True (and options dropped) if an option was unknown."""
+        if "No such compile option" not in str(e):
+            return False
+        logger.warning("decoding compiles with XLA's default options (%s)", e)
+        self._by_backend[jax.default_backend()] = jax.jit(self.fn, **self.jit_kwargs)
+        return True
+
     def __call__(self, *args, **kwargs):
         try:
             return self.jitted()(*args, **kwargs)
         except jax.errors.JaxRuntimeError as e:
-            if "No such compile option" not in str(e):
+            if not self._without_options(e):
                 raise
-            logger.warning("decoding compiles with XLA's default options (%s)", e)
-            self._by_backend[jax.default_backend()] = jax.jit(self.fn, **self.jit_kwargs)
             return self.jitted()(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        return self.jitted().lower(*args, **kwargs)
+        """`jax.jit(...).lower`, whose `.compile()` has the same fallback as a call."""
+        return _LoweredWithFallback(self, self.jitted().lower(*args, **kwargs), args, kwargs)
+
+
+class _LoweredWithFallback:
+    """A `jax.stages.Lowered` whose `compile()` retries without `DecodeJit`'s options when
+    XLA does not know one of them."""
+
+    def __init__(self, owner: DecodeJit, lowered, args, kwargs):
+        self._owner, self._lowered, self._args, self._kwargs = owner, lowered, args, kwargs
+
+    def __getattr__(self, name):
+        return getattr(self._lowered, name)
+
+    def compile(self, *a, **kw):
+        try:
+            return self._lowered.compile(*a, **kw)
+        except jax.errors.JaxRuntimeError as e:
+            if not self._owner._without_options(e):
+                raise
+            return self._owner.jitted().lower(*self._args, **self._kwargs).compile(*a, **kw)
 
 
 jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len", "mesh"))

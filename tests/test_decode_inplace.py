@@ -157,3 +157,14 @@ def test_decoding_compiles_with_the_backends_decode_options(setup, monkeypatch, 
         got, _, _ = fresh(params, logits, state, keys, jnp.float32(1), jnp.float32(1), cfg=cfg, opts=opts)
     assert "xla_cpu_no_such_option" in caplog.text
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # the same fallback through .lower().compile() (what `bench speed` uses)
+    fresh = G.DecodeJit(G.decode_loop, static_argnames=("cfg", "opts", "mesh"),
+                        donate_argnames=("state",))
+    logits, state = _prefill(cfg, params, batch, pixels, opts)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        compiled = fresh.lower(params, logits, state, keys, jnp.float32(1), jnp.float32(1),
+                               cfg=cfg, opts=opts).compile()
+    assert "xla_cpu_no_such_option" in caplog.text
+    got, _, _ = compiled(params, logits, state, keys, jnp.float32(1), jnp.float32(1))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
