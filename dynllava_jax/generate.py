@@ -310,9 +310,25 @@ def no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, st
 DECODE_COMPILER_OPTIONS = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 
 
+def known_compiler_options(options: Optional[dict]) -> Optional[dict]:
+    """`options`, or None (with a warning) where this XLA does not know one of them: a tiny
+    compile tells, once, so that every later compile (calls, `.lower().compile()`) can use
+    them without a fallback of its own."""
+    if not options:
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros((), jnp.float32)).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "No such compile option" not in str(e):
+            raise
+        logger.warning("decoding compiles with XLA's default options (%s)", e)
+        return None
+    return options
+
+
 class DecodeJit:
     """`jax.jit(fn, **jit_kwargs)` compiled with `DECODE_COMPILER_OPTIONS` of the backend it
-    runs on, chosen at the first call rather than at import (a multi-process job must start
+    runs on, chosen at the first use rather than at import (a multi-process job must start
     its runtime before the backend exists). An XLA without such an option compiles without it."""
 
     def __init__(self, fn, **jit_kwargs):
@@ -322,49 +338,16 @@ class DecodeJit:
     def jitted(self):
         backend = jax.default_backend()
         if backend not in self._by_backend:
-            options = DECODE_COMPILER_OPTIONS.get(backend)
+            options = known_compiler_options(DECODE_COMPILER_OPTIONS.get(backend))
             kw = dict(self.jit_kwargs, compiler_options=options) if options else self.jit_kwargs
             self._by_backend[backend] = jax.jit(self.fn, **kw)
         return self._by_backend[backend]
 
-    def _without_options(self, e: Exception) -> bool:
-        """After a compile error: True (and options dropped) if an option was unknown."""
-        if "No such compile option" not in str(e):
-            return False
-        logger.warning("decoding compiles with XLA's default options (%s)", e)
-        self._by_backend[jax.default_backend()] = jax.jit(self.fn, **self.jit_kwargs)
-        return True
-
     def __call__(self, *args, **kwargs):
-        try:
-            return self.jitted()(*args, **kwargs)
-        except jax.errors.JaxRuntimeError as e:
-            if not self._without_options(e):
-                raise
-            return self.jitted()(*args, **kwargs)
+        return self.jitted()(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        """`jax.jit(...).lower`, whose `.compile()` has the same fallback as a call."""
-        return _LoweredWithFallback(self, self.jitted().lower(*args, **kwargs), args, kwargs)
-
-
-class _LoweredWithFallback:
-    """A `jax.stages.Lowered` whose `compile()` retries without `DecodeJit`'s options when
-    XLA does not know one of them."""
-
-    def __init__(self, owner: DecodeJit, lowered, args, kwargs):
-        self._owner, self._lowered, self._args, self._kwargs = owner, lowered, args, kwargs
-
-    def __getattr__(self, name):
-        return getattr(self._lowered, name)
-
-    def compile(self, *a, **kw):
-        try:
-            return self._lowered.compile(*a, **kw)
-        except jax.errors.JaxRuntimeError as e:
-            if not self._owner._without_options(e):
-                raise
-            return self._owner.jitted().lower(*self._args, **self._kwargs).compile(*a, **kw)
+        return self.jitted().lower(*args, **kwargs)
 
 
 jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len", "mesh"))

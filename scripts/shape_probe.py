@@ -3,7 +3,8 @@
 supervised directly? A diagnostic for the recipe (README, *The SynthVQA model*).
 
     python scripts/shape_probe.py --radius 11 16      # the shapes' radius range, px
-    python scripts/shape_probe.py --radius 17 23 --steps 1000
+    python scripts/shape_probe.py --radius 17 23
+    python scripts/shape_probe.py --lr 5e-4 --batch 8 --steps 4000   # stage 1's step and batch
 
 The `synthvqa` preset's tower (random init, the layers LLaVA uses) plus a linear head on the
 mean of the 4 x 4 patch features of each 3 x 3 grid cell is trained with AdamW to name the
@@ -23,13 +24,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)   # CLIP's
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-
 
 def scenes(n: int, seed: int, radius: tuple[int, int]):
     """[n, 3, 168, 168] normalised pixels and [n, 9] cell labels (0 empty, 1.. shapes)."""
     from dynllava_jax.data import synthvqa as S
+    from dynllava_jax.image_processing import ClipSettings
+    mean, std = (np.array(v, np.float32) for v in (ClipSettings.image_mean, ClipSettings.image_std))
     rng = np.random.default_rng(seed)
     x = np.zeros((n, 3, S.IMAGE_SIZE, S.IMAGE_SIZE), np.float32)
     y = np.zeros((n, S.GRID * S.GRID), np.int32)
@@ -39,7 +39,7 @@ def scenes(n: int, seed: int, radius: tuple[int, int]):
                      for o in scene.objects)
         scene = dataclasses.replace(scene, objects=objs)
         pix = np.asarray(S.draw_scene(scene, rng), np.float32) / 255.0
-        x[i] = ((pix - MEAN) / STD).transpose(2, 0, 1)
+        x[i] = ((pix - mean) / std).transpose(2, 0, 1)
         for o in objs:
             y[i, o.row * S.GRID + o.col] = 1 + S.SHAPES.index(o.shape)
     return x, y
@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     import optax
     from dynllava_jax import model as M
     from dynllava_jax.config import preset
+    from dynllava_jax.data.synthvqa import GRID
     from dynllava_jax.vision import vision_features
 
     t0 = time.time()
@@ -67,19 +68,20 @@ def main(argv=None) -> None:
     xte, yte = scenes(500, 2, tuple(a.radius))
     cfg = preset("synthvqa")
     width = cfg.vision.hidden_size
-    side = cfg.vision.image_size // cfg.vision.patch_size          # 12 patches
+    per_cell = cfg.vision.image_size // cfg.vision.patch_size // GRID   # 4 x 4 patches a cell
     params = {"tower": M.init_params(cfg, jax.random.PRNGKey(0))["vision"],
               "w": jnp.zeros((width, 5)), "b": jnp.zeros((5,))}
 
     def logits(p, x):
         f = vision_features(p["tower"], cfg.vision, x)               # [B, 144, width]
-        f = f.reshape(x.shape[0], 3, side // 3, 3, side // 3, width).mean((2, 4))
-        return f.reshape(x.shape[0], 9, width) @ p["w"] + p["b"]
+        f = f.reshape(x.shape[0], GRID, per_cell, GRID, per_cell, width).mean((2, 4))
+        return f.reshape(x.shape[0], GRID * GRID, width) @ p["w"] + p["b"]
 
     def loss(p, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y).mean()
 
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, a.lr, min(50, a.steps // 2), a.steps), weight_decay=0.05)
+    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, min(50, a.steps // 2), a.steps)
+    tx = optax.adamw(sched, weight_decay=0.05)
     opt = tx.init(params)
 
     @jax.jit
