@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.ce_group_size = 0
     # > 0: LM head + cross-entropy over this many tokens at a time (saves the [B,T,V] logits).
     c.objective.ce_chunk = 0
+    # > 0: add the cell objective (objective.py; needs data.cell_grid and records with
+    # cell_text): each grid cell's mean image token scored against the words naming it.
+    c.objective.cell_loss_weight = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-6                  # LLM (+ projector)

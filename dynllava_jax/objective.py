@@ -45,10 +45,22 @@ Loss (per global batch; see `loss_denominators`):
           D_txt = number of samples in the batch (the official code sets a short answer's
           target to its own ratio, so it adds 0 but still counts in ``.mean()``); setting
           ``text_ratio_mean = "eligible"`` divides by the number of long answers instead.
+
+Optional cell objective (not in Dynamic-LLaVA; ``objective.cell_loss_weight`` w > 0 with
+batches that carry ``cell_targets [B, G*G, K]``, see ``data.cell_grid``): a direct path from
+labels to the vision tower, for a tower trained from random weights (SynthVQA), which the
+answers' loss alone reaches too weakly through the LLM's attention. The projected image
+tokens are averaged over each cell of a G x G grid and scored against the LLM's input
+embedding table (no new parameters: the cell's mean image token is pulled towards the
+embeddings of the words that name its content, e.g. ``small red circle``):
+
+  loss += w * sum_{b, cell, k: target >= 0} -log softmax(mean_cell(feats) E^T)[target]
+            / #(targets >= 0 in the global batch)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -114,7 +126,11 @@ def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all
     else:
         raise ValueError(f"text_ratio_mean must be 'all' or 'eligible', not {text_ratio_mean!r}")
     one = jnp.float32(1.0)
+    cells = batch.get("cell_targets")
+    n_cells = (jnp.float32(0.0) if cells is None else
+               ((cells >= 0) & (batch["image_start"] >= 0)[:, None, None]).sum().astype(jnp.float32))
     return {
+        "cells": jnp.maximum(n_cells, one),
         "tokens": jnp.maximum(w.sum().astype(jnp.float32), one),
         "img": jnp.maximum((batch["image_start"] >= 0).sum().astype(jnp.float32), one),
         "txt": jnp.maximum(n_txt, one),
@@ -176,6 +192,9 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     k_img, k_txt = pair[:, 0], pair[:, 1]
 
     feats = M.image_features(params, cfg, batch["pixels"])
+    cells = batch.get("cell_targets")
+    cell_sum = (cell_nll(params, feats, cells, image_start) if cells is not None
+                else jnp.zeros((b,), jnp.float32))
     cons = constrain if constrain is not None else (lambda a: a)
     x = cons(M.embed_inputs(params, cfg, tokens, feats, image_start))
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
@@ -230,10 +249,29 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     if cw is None:
         cw = jnp.full((b,), 1.0, jnp.float32) / jnp.maximum(out["tokens"].sum(), 1.0)
     out["ce_w"] = out["ce_sum"] * cw
+    out["cell_sum"] = cell_sum
     return out, policy
 
 
-def combine(sums: dict, denom: dict, cfg: ModelConfig) -> tuple[jax.Array, dict]:
+def cell_nll(params, feats_BNH, targets_BCK, image_start_B):
+    """Per-sample sums [B] of the cell objective's NLL (module doc)."""
+    b, n, h = feats_BNH.shape
+    c = targets_BCK.shape[1]
+    g, side = math.isqrt(c), math.isqrt(n)
+    if g * g != c or side * side != n or side % g:
+        raise ValueError(f"{c} cells (a G x G grid) do not tile the {side} x {side} image "
+                         "tokens evenly")
+    per = side // g
+    x = feats_BNH.astype(jnp.float32).reshape(b, g, per, g, per, h).mean((2, 4))
+    table = params["llm"]["embed_tokens"]["embedding"].astype(jnp.float32)
+    logp = jax.nn.log_softmax(x.reshape(b, c, h) @ table.T, axis=-1)            # [B, C, V]
+    valid = (targets_BCK >= 0) & (image_start_B >= 0)[:, None, None]
+    nll = -jnp.take_along_axis(logp, jnp.clip(targets_BCK, 0), axis=-1)       # [B, C, K]
+    return jnp.where(valid, nll, 0.0).sum((1, 2))
+
+
+def combine(sums: dict, denom: dict, cfg: ModelConfig,
+            cell_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """Loss and metrics from per-sample sums (already summed over micro-batches or not)."""
     s = {k: jnp.sum(v) for k, v in sums.items()}
     ce = s["ce_w"]
@@ -248,15 +286,19 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig) -> tuple[jax.Array, dict]
         "txt_kept": s["txt_kept"] / denom["txt_long"],
         "answer_tokens": s["tokens"],
     }
+    if cell_weight:
+        l_cell = s["cell_sum"] / denom["cells"]
+        loss = loss + cell_weight * l_cell
+        metrics.update(loss=loss, cell_loss=l_cell)
     return loss, metrics
 
 
 def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
             text_ratio_mean: str = "all", ce_group_size: int = 0, denom: Any = None,
-            ce_chunk: int = 0):
+            ce_chunk: int = 0, cell_weight: float = 0.0):
     """Whole-batch loss (no micro-batching): (loss, metrics)."""
     if denom is None:
         denom = loss_denominators(batch, cfg, text_ratio_mean)
     batch = dict(batch, ce_weight=ce_weights(batch["labels"], ce_group_size))
     sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat, ce_chunk=ce_chunk)
-    return combine(sums, denom, cfg)
+    return combine(sums, denom, cfg, cell_weight)

@@ -76,6 +76,7 @@ class StepConfig:
     text_ratio_mean: str = "all"
     ce_group_size: int = 0
     ce_chunk: int = 0
+    cell_loss_weight: float = 0.0
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
@@ -101,7 +102,7 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
         def micro(tp, mb):
             sums, _ = O.forward_train(optim.merge_params(tp, state.frozen), cfg, mb, rng, tau,
                                       remat=sc.remat, constrain=constrain, ce_chunk=sc.ce_chunk)
-            loss, _ = O.combine(sums, denom, cfg)
+            loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight)
             return loss, jax.tree_util.tree_map(jnp.sum, sums)
 
         grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -126,10 +127,10 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             g0 = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             s0 = {k: jnp.zeros((), jnp.float32) for k in
                   ("img_sq", "img_kept", "has_img", "txt_sq", "txt_kept", "txt_long",
-                   "ce_sum", "tokens", "ce_w")}
+                   "ce_sum", "tokens", "ce_w", "cell_sum")}
             (grads, sums), _ = jax.lax.scan(body, (g0, s0), mbs)
             grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.params)
-        _, metrics = O.combine(sums, denom, cfg)
+        _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(
@@ -378,7 +379,9 @@ def format_metrics(step: int, m: dict) -> str:
     def f(k, fmt="{:.4f}"):
         return fmt.format(m[k]) if k in m else "-"
     return (f"step {step} loss {f('loss')} ce {f('ce')} img_ratio_loss {f('img_ratio_loss')} "
-            f"txt_ratio_loss {f('txt_ratio_loss')} img_kept {f('img_kept', '{:.3f}')} "
+            f"txt_ratio_loss {f('txt_ratio_loss')} "
+            + (f"cell_loss {f('cell_loss')} " if "cell_loss" in m else "")
+            + f"img_kept {f('img_kept', '{:.3f}')} "
             f"txt_kept {f('txt_kept', '{:.3f}')} tau {f('tau', '{:.3f}')} "
             f"lr {f('lr', '{:.2e}')} pred_lr {f('predictor_lr', '{:.2e}')} "
             f"grad_norm {f('grad_norm', '{:.3f}')} tok/s {f('tokens_per_s', '{:.0f}')} "
@@ -456,7 +459,9 @@ class Trainer:
             gumbel_end_tau=config.objective.gumbel_end_tau,
             text_ratio_mean=config.objective.text_ratio_mean,
             ce_group_size=int(config.objective.ce_group_size),
-            ce_chunk=int(config.objective.get("ce_chunk", 0)))
+            ce_chunk=int(config.objective.get("ce_chunk", 0)),
+            cell_loss_weight=float(config.objective.get("cell_loss_weight", 0.0)))
+        self._check_cells()
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
                                       ck.async_save)
@@ -466,6 +471,20 @@ class Trainer:
         self._compile_step()
 
     # -- setup ---------------------------------------------------------------------------
+    def _check_cells(self):
+        """The cell objective needs cell labels from the JSON pipeline and a grid that tiles
+        the image tokens."""
+        c, v = self.config, self.cfg.vision
+        self.cell_grid = g = int(c.data.get("cell_grid", 0))
+        if self.step_config.cell_loss_weight and not g:
+            raise ValueError("objective.cell_loss_weight needs data.cell_grid > 0 (records "
+                             "with cell_text)")
+        if g and c.train.data != "pipeline":
+            raise ValueError("data.cell_grid needs train.data='pipeline'")
+        side = v.image_size // v.patch_size
+        if g and side % g:
+            raise ValueError(f"data.cell_grid {g} does not divide the {side} x {side} image tokens")
+
     def _setup_model_config(self):
         from .checkpoint import load_config
         c = self.config
@@ -669,8 +688,8 @@ class Trainer:
             + " (move the checkpoints away to start from step 0)")
 
     def _compile_step(self):
-        key = (self.cfg, self.step_config, _frozen_items(self.config.optim), self.groups,
-               self.mesh, self.total_steps)
+        key = (self.cfg, self.step_config, self.cell_grid, _frozen_items(self.config.optim),
+               self.groups, self.mesh, self.total_steps)
         fn = _STEP_CACHE.get(key)
         if fn is None:
             step_fn = make_train_step(self.cfg, self.step_config, self.tx, self.schedules,
@@ -679,6 +698,8 @@ class Trainer:
                        "lengths": np.zeros((1,), np.int32),
                        "image_start": np.zeros((1,), np.int32),
                        "pixels": np.zeros((1, 1, 1, 1), np.float32)}
+            if self.cell_grid:
+                example["cell_targets"] = np.zeros((1, 1, 1), np.int32)
             fn = jit_train_step(step_fn, self.shardings, S.batch_shardings(example, self.mesh),
                                 self.mesh)
             _STEP_CACHE[key] = fn
@@ -686,7 +707,8 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------
     def _global_batch(self, host_batch: dict) -> dict:
-        keys = ("tokens", "labels", "lengths", "image_start", "pixels")
+        keys = ("tokens", "labels", "lengths", "image_start", "pixels") + (
+            ("cell_targets",) if self.cell_grid else ())
         return S.host_local_to_global({k: host_batch[k] for k in keys}, self.mesh,
                                       self.global_batch)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training curves (loss, CE, kept fractions) of one or more consecutive runs.
+"""Training curves (loss, CE, the cell objective, kept fractions) of one or more consecutive runs.
 
     python scripts/plot_training.py runs/synthvqa_dense runs/synthvqa_dynamic \\
         --out assets/synthvqa-dynamic-llava/training.png
@@ -32,6 +32,8 @@ def plot(workdirs, out: Path) -> Path:
         name = Path(wd).name
         ax[0].plot(x, [r["loss"] for r in rows], label=f"{name}: loss")
         ax[0].plot(x, [r["ce"] for r in rows], "--", label=f"{name}: CE")
+        if "cell_loss" in rows[0]:
+            ax[0].plot(x, [r["cell_loss"] for r in rows], ":", label=f"{name}: cell loss")
         if any(r.get("img_kept", 0) > 0 for r in rows):
             ax[1].plot(x, [r["img_kept"] for r in rows], label=f"{name}: image tokens kept")
             ax[1].plot(x, [r["txt_kept"] for r in rows], label=f"{name}: long-answer tokens kept")
@@ -39,7 +41,7 @@ def plot(workdirs, out: Path) -> Path:
         ax[0].axvline(offset, color="grey", lw=0.5)
     ax[0].set_yscale("log")
     ax[0].set_xlabel("step")
-    ax[0].set_title("loss and cross-entropy")
+    ax[0].set_title("loss, cross-entropy and cell loss")
     ax[0].legend(fontsize=8)
     ax[1].set_xlabel("step")
     ax[1].set_ylim(0, 1)

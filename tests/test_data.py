@@ -195,6 +195,9 @@ def test_tfds_matches_json(syn, tok, improc, tfds_dir):
     assert_same(got, ref)
     assert got_it.skipped == ref_it.skipped
     assert "tensorflow" not in sys.modules
+    with pytest.raises(ValueError, match="cell_text"):   # the tfds copy has no cell labels
+        pipeline.make_source(cfg_for(syn, source="tfds", tfds_data_dir=str(tfds_dir),
+                                     cell_grid=3))
     # Rebuilding reuses the complete dataset; bad inputs give a clear error and exit status 1.
     assert tfds_builder.build_tfds(syn.json_path, syn.image_folder, tfds_dir, progress=False) == \
         tfds_dir / "llava_instruct" / "1.0.0"

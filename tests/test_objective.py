@@ -257,6 +257,50 @@ def test_split_batch_sums_to_full_batch_loss(tiny, batch, run):
     np.testing.assert_allclose(total, float(run["loss"]), rtol=1e-5)
 
 
+def test_cell_objective_matches_naive_formula(tiny, batch):
+    """objective.cell_loss_weight: each cell's mean projected image token scored against
+    the input embeddings; its term adds to the loss, and micro-batches still add up."""
+    cfg, params = tiny
+    side = math.isqrt(cfg.num_image_tokens)
+    g = 2 if side % 2 == 0 else side
+    v = params["llm"]["embed_tokens"]["embedding"].shape[0]
+    targets = np.random.default_rng(0).integers(-1, v, (6, g * g, 2)).astype(np.int32)
+    bt = dict(batch, cell_targets=targets)
+    w, rng, tau = 0.5, jax.random.PRNGKey(0), jnp.float32(0.5)
+    f = jax.jit(lambda b, cw: O.loss_fn(params, cfg, b, rng, tau, cell_weight=cw),
+                static_argnums=1)
+    loss, m = f(bt, w)
+    loss0, _ = f(batch, 0.0)
+
+    feats = np.asarray(M.image_features(params, cfg, jnp.asarray(batch["pixels"])), np.float64)
+    table = np.asarray(params["llm"]["embed_tokens"]["embedding"], np.float64)
+    per = side // g
+    tot, n = 0.0, 0
+    for b in range(6):
+        if batch["image_start"][b] < 0:
+            continue
+        grid = feats[b].reshape(side, side, -1)
+        for c in range(g * g):
+            r, col = divmod(c, g)
+            x = grid[r * per:(r + 1) * per, col * per:(col + 1) * per].mean((0, 1))
+            logits = table @ x
+            lse = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+            for y in targets[b, c]:
+                if y >= 0:
+                    tot, n = tot + lse - logits[y], n + 1
+    np.testing.assert_allclose(float(m["cell_loss"]), tot / n, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(loss0) + w * tot / n, rtol=1e-5)
+
+    denom = O.loss_denominators(bt, cfg)
+    cw = np.asarray(O.ce_weights(jnp.asarray(batch["labels"])))
+    ids = np.arange(6, dtype=np.int32)
+    part = jax.jit(lambda b: O.combine(O.forward_train(params, cfg, b, rng, tau)[0], denom, cfg,
+                                       w)[0])
+    total = sum(float(part({**{k: val[h] for k, val in bt.items()}, "sample_id": ids[h],
+                            "ce_weight": cw[h]})) for h in (np.array([0, 2, 4]), np.array([1, 3, 5])))
+    np.testing.assert_allclose(total, float(loss), rtol=1e-5)
+
+
 def test_ce_group_mean_is_the_official_per_device_mean():
     """ce_group_size=k: mean over groups of k samples of each group's token-mean CE (the
     official CrossEntropyLoss per device batch, averaged by DDP / accumulation)."""

@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,12 +142,12 @@ def test_scores():
     assert score(ann, "A b. E f. X.") == pytest.approx(2 / 3)
 
 
-def test_eval_runs_on_a_handful_of_questions(tmp_path, data):
-    """A small random model through all three modes: report fields and costs."""
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory, data):
+    """A small random model of the SynthVQA shapes, converted (shared by the tests below)."""
     import jax
     from dynllava_jax import model as M
-    from dynllava_jax.config import LLMConfig, VisionConfig, preset
-    from dynllava_jax.eval.synth import evaluate
+    from dynllava_jax.config import preset
     from dynllava_jax.train_checkpoint import export_converted
     out, _ = data
     base = preset("synthvqa")
@@ -156,8 +157,15 @@ def test_eval_runs_on_a_handful_of_questions(tmp_path, data):
                                                num_heads=2, num_kv_heads=2, intermediate_size=64))
     cfg = cfg.replace_sparse(d_model=16, nhead=2, dim_feedforward=32)
     params = M.init_params(cfg, jax.random.PRNGKey(0), with_predictors=True)
-    ckpt = export_converted(tmp_path / "ckpt", params, cfg, out / "tokenizer")
-    report = evaluate(ckpt, out, tmp_path / "eval", max_per_type=2, batch_size=2,
+    return export_converted(tmp_path_factory.mktemp("small") / "ckpt", params, cfg,
+                            out / "tokenizer")
+
+
+def test_eval_runs_on_a_handful_of_questions(tmp_path, data, small_ckpt):
+    """A small random model through all three modes: report fields and costs."""
+    from dynllava_jax.eval.synth import evaluate
+    out, _ = data
+    report = evaluate(small_ckpt, out, tmp_path / "eval", max_per_type=2, batch_size=2,
                       types=["colour"], progress=False)
     runs = {s["run"]: s for s in report["modes"]}
     assert set(runs) == {"dense", "dynamic", "dynamic-no-kv-cache"}
@@ -176,3 +184,57 @@ def test_descriptions_are_asked_first(data):
         conv = r["conversations"]
         if any(m["value"].endswith(S.DESCRIBE) for m in conv[::2]):
             assert len(conv) == 2 and conv[0]["value"] == f"<image>\n{S.DESCRIBE}"
+
+
+def test_cell_labels_reach_the_batch(data):
+    """Each training record names its grid cells' contents (`cell_text`); with
+    `data.cell_grid` the pipeline turns them into token ids, and a bad `cell_text` is a
+    skipped record, not a crash."""
+    from dynllava_jax.data.llava_json import BAD_CELL_TEXT, Invalid, encode_record, to_raw_record
+    from dynllava_jax.image_processing import ImageProcessor
+    from dynllava_jax.tokenizer import LlavaTokenizer
+    out, _ = data
+    tok = LlavaTokenizer.from_dir(out / "tokenizer")
+    kw = dict(tokenizer=tok, image_processor=ImageProcessor.from_dir(out / "tokenizer"),
+              image_folder=str(out), num_image_tokens=144, seq_len=512, model_max_length=512)
+    rec = json.loads((out / "train.json").read_text())[0]
+    scene = S.make_scene(S.scene_rng(3, "train", 0))
+    assert rec["cell_text"] == S.cell_text(scene)
+    for o in scene.objects:
+        assert rec["cell_text"][o.row * S.GRID + o.col].endswith(o.name)
+    ex = encode_record(to_raw_record(rec, 0), cell_grid=S.GRID, cell_tokens=3, **kw)
+    assert ex["cell_targets"].shape == (S.GRID * S.GRID, 3)
+    for row, text in zip(ex["cell_targets"], rec["cell_text"]):
+        ids = tok.encode(text)
+        assert list(row[:len(ids)]) == ids and (row[len(ids):] == -1).all()
+    assert "cell_targets" not in encode_record(to_raw_record(rec, 0), **kw)
+    bare = encode_record(to_raw_record({k: v for k, v in rec.items() if k != "cell_text"}, 0),
+                         cell_grid=S.GRID, **kw)
+    assert (bare["cell_targets"] == -1).all()   # no labels: nothing scored
+    bad = encode_record(to_raw_record(dict(rec, cell_text=["empty"] * 4), 0), cell_grid=3, **kw)
+    assert isinstance(bad, Invalid) and bad.reason == BAD_CELL_TEXT
+
+
+def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
+    """train.py's cell objective on SynthVQA records: the batches carry the cells' labels,
+    the loss is CE + weight x cell loss, and a config that cannot feed it is refused."""
+    import configs
+    from dynllava_jax import trainer as T
+    out, _ = data
+    repo = Path(__file__).resolve().parents[1]
+    over = {"init_from": str(small_ckpt), "assets_dir": "", "train.total_steps": 2,
+            "train.global_batch_size": 2, "checkpoint.every": 100, "data.json_path":
+            str(out / "train.json"), "data.image_folder": str(out), "data.seq_len": 512,
+            "data.model_max_length": 512, "sparse.use_vision_predictor": False,
+            "sparse.use_output_text_predictor": False, "objective.cell_loss_weight": 0.5}
+    c = configs.apply_overrides(configs.load(repo / "configs" / "synthvqa_dense.py"),
+                                [f"{k}={v}" for k, v in over.items()])
+    tr = T.Trainer(c, tmp_path / "run", progress=False)
+    tr.run()
+    tr.close()
+    for row in T.read_metrics(tmp_path / "run"):
+        assert 0 < row["cell_loss"] < 10
+        assert row["loss"] == pytest.approx(row["ce"] + 0.5 * row["cell_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="cell_grid"):
+        T.Trainer(configs.apply_overrides(c, ["data.cell_grid=0"]), tmp_path / "bad",
+                  progress=False)

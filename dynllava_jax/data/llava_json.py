@@ -20,6 +20,10 @@ turns a ``RawRecord`` into one example of fixed shapes, or into an
 ``lengths``         int32 []: real tokens, image slots included
 ``image_start``     int32 []: first image slot, -1 for a text-only sample
 ``pixels``          float32 [3, S, S]: the preprocessed image, zeros if text-only
+``cell_targets``    int32 [G*G, K], only with ``cell_grid`` G > 0: the first K token
+                    ids of the record's ``cell_text`` (one string per cell of a G x G
+                    grid over the image, row by row), -1 padded; all -1 when the
+                    record has no ``cell_text`` (see ``objective.cell_loss``)
 ==================  ======================================================
 
 Truncation follows LLaVA: the ids (one marker standing for the image) are cut to
@@ -55,8 +59,9 @@ IMAGE_MARKER_COUNT = "image_marker_count"  # an image sample whose text has != 1
 IMAGE_TRUNCATED = "image_truncated"        # the image slots cut by truncation
 NO_TARGET = "no_target"                    # no labelled token left (truncation/mismatch)
 TEXT_ONLY = "text_only"                    # excluded by requires_image (not a bad record)
+BAD_CELL_TEXT = "bad_cell_text"            # cell_text not one string per grid cell
 SKIP_REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, EMPTY_CONVERSATION, NO_GPT_TURN, BAD_CONVERSATION,
-                IMAGE_MARKER_COUNT, IMAGE_TRUNCATED, NO_TARGET, TEXT_ONLY)
+                IMAGE_MARKER_COUNT, IMAGE_TRUNCATED, NO_TARGET, TEXT_ONLY, BAD_CELL_TEXT)
 
 EXAMPLE_KEYS = ("tokens", "labels", "lengths", "image_start", "pixels")
 
@@ -75,6 +80,7 @@ class RawRecord:
     image: str | None = None
     image_bytes: bytes | None = None
     image_missing: bool = False
+    cell_text: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +140,8 @@ def to_raw_record(record: Any, index: int) -> RawRecord:
         return RawRecord(id=str(index), conversations=record)
     image = record.get("image")
     return RawRecord(id=str(record.get("id", index)), conversations=record.get("conversations"),
-                     image=None if image in (None, "") else str(image))
+                     image=None if image in (None, "") else str(image),
+                     cell_text=record.get("cell_text"))
 
 
 def _check_conversation(conversations: Any) -> str | None:
@@ -186,12 +193,15 @@ def encode_record(
     seq_len: int,
     model_max_length: int,
     requires_image: bool = False,
+    cell_grid: int = 0,
+    cell_tokens: int = 3,
 ) -> dict[str, np.ndarray] | Invalid:
     """One training example of fixed shapes (see the module docstring), or ``Invalid``.
 
     ``requires_image``: text-only records are excluded (reason ``text_only``), as in the
     official Dynamic-LLaVA run. The cheap checks run first, so a bad conversation never
-    costs an image decode.
+    costs an image decode. ``cell_grid`` > 0 adds ``cell_targets`` (``cell_tokens`` ids a
+    cell); a ``cell_text`` that is not ``cell_grid**2`` strings is a bad record.
     """
     if requires_image and raw.image is None:
         return Invalid(raw.id, TEXT_ONLY)
@@ -233,15 +243,37 @@ def encode_record(
     else:
         pixels = np.zeros((3, image_size, image_size), np.float32)
 
+    if cell_grid > 0:
+        cells = _cell_targets(tokenizer, raw.cell_text, cell_grid, cell_tokens)
+        if isinstance(cells, str):
+            return Invalid(raw.id, BAD_CELL_TEXT, cells)
+
     n = len(ids)
     tokens = np.full((seq_len,), tokenizer.pad_id, np.int32)
     tokens[:n] = ids
     label_row = np.full((seq_len,), IGNORE_INDEX, np.int32)
     label_row[:n] = labels
-    return {
+    out = {
         "tokens": tokens,
         "labels": label_row,
         "lengths": np.int32(n),
         "image_start": np.int32(image_start),
         "pixels": np.asarray(pixels, np.float32),
     }
+    if cell_grid > 0:
+        out["cell_targets"] = cells
+    return out
+
+
+def _cell_targets(tokenizer, cell_text, grid: int, k: int) -> np.ndarray | str:
+    """[grid*grid, k] token ids of each cell's text (-1 padded), or why it is unusable."""
+    out = np.full((grid * grid, k), -1, np.int32)
+    if cell_text is None:
+        return out
+    if (not isinstance(cell_text, (list, tuple)) or len(cell_text) != grid * grid
+            or not all(isinstance(t, str) for t in cell_text)):
+        return f"cell_text must be {grid * grid} strings (a {grid} x {grid} grid)"
+    for i, text in enumerate(cell_text):
+        ids = tokenizer.encode(text)[:k]
+        out[i, :len(ids)] = ids
+    return out

@@ -22,6 +22,8 @@ key                 dtype       shape        content
 ``lengths``         int32       [b]          real tokens, image slots included
 ``image_start``     int32       [b]          first image slot, -1 without an image
 ``pixels``          float32     [b, 3, S, S] preprocessed image; zeros if text-only
+``cell_targets``    int32       [b, G*G, K]  only with ``data_cfg.cell_grid`` G > 0: the
+                                             ids of each cell's ``cell_text`` (-1 padded)
 ==================  ==========  ===========  ========================================
 
 ``T = data_cfg.seq_len``, ``S = image_processor.image_size``. Every batch has exactly
@@ -95,7 +97,7 @@ import ml_collections
 import numpy as np
 
 from dynllava_jax.data import llava_json
-from dynllava_jax.data.llava_json import EXAMPLE_KEYS, Invalid
+from dynllava_jax.data.llava_json import Invalid
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.read_buffer_size = 16          # examples buffered per process by those threads
     cfg.worker_buffer_size = 4         # examples buffered per worker process
     cfg.max_skip_fraction = 0.5        # DataError above this fraction of bad records
+    cfg.cell_grid = 0                  # G > 0: batches carry `cell_targets` from the records'
+    cfg.cell_tokens = 3                # `cell_text` (G x G cells, this many ids each; JSON only)
     return cfg
 
 
@@ -138,6 +142,9 @@ def make_source(data_cfg) -> Any:
             raise ValueError("data.json_path is not set")
         return llava_json.JsonRecords(data_cfg.json_path)
     if data_cfg.source == "tfds":
+        if data_cfg.get("cell_grid", 0):
+            raise ValueError("data.cell_grid reads the records' cell_text, which the tfds copy "
+                             "does not hold: use data.source='json'")
         if not data_cfg.tfds_data_dir:
             raise ValueError("data.tfds_data_dir is not set")
         from dynllava_jax.data.tfds_builder import TfdsRecords  # tfds only when used
@@ -182,7 +189,8 @@ def make_record_dataset(data_cfg, tokenizer, image_processor, num_image_tokens: 
         llava_json.encode_record, tokenizer=tokenizer, image_processor=image_processor,
         image_folder=data_cfg.image_folder or None, num_image_tokens=num_image_tokens,
         seq_len=data_cfg.seq_len, model_max_length=data_cfg.model_max_length,
-        requires_image=data_cfg.get("requires_image", False))
+        requires_image=data_cfg.get("requires_image", False),
+        cell_grid=int(data_cfg.get("cell_grid", 0)), cell_tokens=int(data_cfg.get("cell_tokens", 3)))
     return ds.map(encode)
 
 
@@ -227,8 +235,9 @@ def make_iterator(data_cfg, tokenizer, image_processor, num_image_tokens: int, *
 
 
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack single examples into a batch (the keys of ``EXAMPLE_KEYS``)."""
-    return {k: np.stack([ex[k] for ex in examples]) for k in EXAMPLE_KEYS}
+    """Stack single examples into a batch (the keys of ``EXAMPLE_KEYS``, and ``cell_targets``
+    when the examples have them)."""
+    return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
 
 
 class LlavaBatchDataset(grain.IterDataset):

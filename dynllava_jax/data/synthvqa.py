@@ -262,7 +262,7 @@ def describe(scene: Scene) -> str:
     out = [f"The image shows {NUMBER_WORDS[n]} {noun} on a {scene.background} background "
            f"with a {'noise' if scene.texture == 'noise' else scene.texture} texture."]
     for o in objs:
-        size = "small" if o.radius <= 13 else "large"
+        size = size_word(o)
         out.append(f"There is {_article(size)} {size} {o.name} in the {place(o.row, o.col)}.")
         edge = "It is round." if o.shape == "circle" else (
             f"It has {'four' if o.shape in ('square', 'diamond') else 'three'} straight edges.")
@@ -283,6 +283,10 @@ def describe(scene: Scene) -> str:
     out.append(f"{NUMBER_WORDS[min(empty, 4)].capitalize() if empty < 5 else 'Most'} of the nine "
                f"grid cells {'is' if empty == 1 else 'are'} empty, and nothing else is visible.")
     return " ".join(out)
+
+
+def size_word(o: Obj) -> str:
+    return "small" if o.radius <= 13 else "large"
 
 
 # -- records ----------------------------------------------------------------------------
@@ -309,7 +313,18 @@ def train_record(scene: Scene, rng: np.random.Generator, rid: str, image: str,
     for k, qa in enumerate(qas):
         q = f"<image>\n{qa.question}" if k == 0 else qa.question
         conv += [{"from": "human", "value": q}, {"from": "gpt", "value": qa.answer}]
-    return {"id": rid, "image": image, "conversations": conv}
+    return {"id": rid, "image": image, "conversations": conv, "cell_text": cell_text(scene)}
+
+
+def cell_text(scene: Scene) -> list[str]:
+    """What each grid cell holds, row by row (`small red circle`, `cat`, `empty`): the
+    labels of the optional cell objective (`objective.cell_loss_weight`, data.cell_grid)."""
+    cells = ["empty"] * (GRID * GRID)
+    for o in scene.objects:
+        cells[o.row * GRID + o.col] = f"{size_word(o)} {o.name}"
+    if scene.word:
+        cells[scene.word_row * GRID + scene.word_col] = scene.word
+    return cells
 
 
 def eval_questions(scene: Scene, rng: np.random.Generator, index: int, per_image: int,
