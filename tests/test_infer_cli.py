@@ -147,7 +147,8 @@ def test_no_arguments_answers_the_bundled_question():
     assert plain.returncode == 0 and f"answer: {ex['answer']}\n" in plain.stdout, plain.stderr[-2000:]
 
 
-@pytest.mark.parametrize("dense,dynamic,undertrained", [(0.25, 0.24, True), (0.86, 0.85, False)])
+@pytest.mark.parametrize("dense,dynamic,undertrained", [(0.25, 0.24, True), (0.62, 0.61, True),
+                                                         (0.86, 0.85, False)])
 def test_accuracy_note_says_undertrained_only_when_it_is(tmp_path, dense, dynamic, undertrained):
     from dynllava_jax.demo import accuracy_note
     assert "not measured" in accuracy_note(tmp_path)
