@@ -128,7 +128,7 @@ def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all
     one = jnp.float32(1.0)
     cells = batch.get("cell_targets")
     n_cells = (jnp.float32(0.0) if cells is None else
-               ((cells >= 0) & (batch["image_start"] >= 0)[:, None, None]).sum().astype(jnp.float32))
+               scored_cells(cells, batch["image_start"]).sum().astype(jnp.float32))
     return {
         "cells": jnp.maximum(n_cells, one),
         "tokens": jnp.maximum(w.sum().astype(jnp.float32), one),
@@ -253,21 +253,32 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     return out, policy
 
 
+def cell_means(feats_BNH, grid: int):
+    """[B, grid*grid, H] means of the image tokens (a square of N) over each cell of a
+    grid x grid partition, row by row (numpy or jax arrays)."""
+    b, n, h = feats_BNH.shape
+    side = math.isqrt(n)
+    if side * side != n or side % grid:
+        raise ValueError(f"a {grid} x {grid} grid does not tile the {n} image tokens evenly")
+    per = side // grid
+    return feats_BNH.reshape(b, grid, per, grid, per, h).mean((2, 4)).reshape(b, grid * grid, h)
+
+
+def scored_cells(targets_BCK, image_start_B):
+    """Which cell targets count: set (>= 0), in a sample with an image."""
+    return (targets_BCK >= 0) & (image_start_B >= 0)[:, None, None]
+
+
 def cell_nll(params, feats_BNH, targets_BCK, image_start_B):
     """Per-sample sums [B] of the cell objective's NLL (module doc)."""
-    b, n, h = feats_BNH.shape
-    c = targets_BCK.shape[1]
-    g, side = math.isqrt(c), math.isqrt(n)
-    if g * g != c or side * side != n or side % g:
-        raise ValueError(f"{c} cells (a G x G grid) do not tile the {side} x {side} image "
-                         "tokens evenly")
-    per = side // g
-    x = feats_BNH.astype(jnp.float32).reshape(b, g, per, g, per, h).mean((2, 4))
+    g = math.isqrt(targets_BCK.shape[1])
+    if g * g != targets_BCK.shape[1]:
+        raise ValueError(f"{targets_BCK.shape[1]} cell targets are not a G x G grid")
+    x = cell_means(feats_BNH.astype(jnp.float32), g)
     table = params["llm"]["embed_tokens"]["embedding"].astype(jnp.float32)
-    logp = jax.nn.log_softmax(x.reshape(b, c, h) @ table.T, axis=-1)            # [B, C, V]
-    valid = (targets_BCK >= 0) & (image_start_B >= 0)[:, None, None]
+    logp = jax.nn.log_softmax(x @ table.T, axis=-1)                            # [B, C, V]
     nll = -jnp.take_along_axis(logp, jnp.clip(targets_BCK, 0), axis=-1)       # [B, C, K]
-    return jnp.where(valid, nll, 0.0).sum((1, 2))
+    return jnp.where(scored_cells(targets_BCK, image_start_B), nll, 0.0).sum((1, 2))
 
 
 def combine(sums: dict, denom: dict, cfg: ModelConfig,

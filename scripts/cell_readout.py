@@ -29,6 +29,7 @@ def readout(checkpoint, scenes: int = 200, seed: int = 123) -> dict[str, float]:
     from dynllava_jax.checkpoint import load_converted
     from dynllava_jax.data import synthvqa as S
     from dynllava_jax.image_processing import ImageProcessor
+    from dynllava_jax.objective import cell_means
     from dynllava_jax.tokenizer import LlavaTokenizer
     cfg, params = load_converted(checkpoint)
     tok, ip = LlavaTokenizer.from_dir(checkpoint), ImageProcessor.from_dir(checkpoint)
@@ -41,11 +42,7 @@ def readout(checkpoint, scenes: int = 200, seed: int = 123) -> dict[str, float]:
     feats = jax.jit(lambda p, x: M.image_features(p, cfg, x))
     f = np.concatenate([np.asarray(feats(params, jnp.asarray(pixels[i:i + 50])))
                         for i in range(0, scenes, 50)])
-    side = cfg.vision.image_size // cfg.vision.patch_size
-    per = side // S.GRID
-    cells = f.reshape(scenes, S.GRID, per, S.GRID, per, -1).mean((2, 4))
-    logits = cells.reshape(scenes, S.GRID * S.GRID, -1) @ np.asarray(
-        params["llm"]["embed_tokens"]["embedding"]).T
+    logits = cell_means(f, S.GRID) @ np.asarray(params["llm"]["embed_tokens"]["embedding"]).T
     hits: dict[str, list[bool]] = {k: [] for k in words}
 
     def pick(i, cell, k):

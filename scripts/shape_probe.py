@@ -61,6 +61,7 @@ def main(argv=None) -> None:
     from dynllava_jax import model as M
     from dynllava_jax.config import preset
     from dynllava_jax.data.synthvqa import GRID
+    from dynllava_jax.objective import cell_means
     from dynllava_jax.vision import vision_features
 
     t0 = time.time()
@@ -68,14 +69,12 @@ def main(argv=None) -> None:
     xte, yte = scenes(500, 2, tuple(a.radius))
     cfg = preset("synthvqa")
     width = cfg.vision.hidden_size
-    per_cell = cfg.vision.image_size // cfg.vision.patch_size // GRID   # 4 x 4 patches a cell
     params = {"tower": M.init_params(cfg, jax.random.PRNGKey(0))["vision"],
               "w": jnp.zeros((width, 5)), "b": jnp.zeros((5,))}
 
     def logits(p, x):
         f = vision_features(p["tower"], cfg.vision, x)               # [B, 144, width]
-        f = f.reshape(x.shape[0], GRID, per_cell, GRID, per_cell, width).mean((2, 4))
-        return f.reshape(x.shape[0], GRID * GRID, width) @ p["w"] + p["b"]
+        return cell_means(f, GRID) @ p["w"] + p["b"]
 
     def loss(p, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y).mean()

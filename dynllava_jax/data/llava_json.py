@@ -23,7 +23,7 @@ turns a ``RawRecord`` into one example of fixed shapes, or into an
 ``cell_targets``    int32 [G*G, K], only with ``cell_grid`` G > 0: the first K token
                     ids of the record's ``cell_text`` (one string per cell of a G x G
                     grid over the image, row by row), -1 padded; all -1 when the
-                    record has no ``cell_text`` (see ``objective.cell_loss``)
+                    record has no ``cell_text`` (see ``objective.cell_nll``)
 ==================  ======================================================
 
 Truncation follows LLaVA: the ids (one marker standing for the image) are cut to
