@@ -7,6 +7,8 @@ tokens laid out as a 3 x 3 grid (9: one token a cell; 144: the 12 x 12 patch gri
 tokens a cell), each token the sum of the input embeddings of the colour and shape words of
 its cell's object (`empty` where there is none). Prompt: ``USER: <cells> What shape is the
 red object? ASSISTANT:``; the loss is on the one answer token; one question a sequence.
+(`--questions N`: N such turns a sequence, each answer scored; a later turn may be answered
+by an earlier answer, so the first questions' accuracy is printed too.)
 Prints the training accuracy over the last 100 steps (chance: about 1 in 2-3 present
 words, 0.35-0.55). Answering "some shape that is in the image" needs no lookup; above ~0.6
 the model finds the named cell. (README, *The SynthVQA model*.)
@@ -15,6 +17,7 @@ the model finds the named cell. (README, *The SynthVQA model*.)
     python scripts/lookup_proxy.py --embed-std 0.088     # flax's default scale: not by 1,500
     python scripts/lookup_proxy.py --cells 144           # the real token count: not by 1,500
     python scripts/lookup_proxy.py --cells 144 --batch 32 --lr 1e-3   # 0.70 by step 1,000
+    python scripts/lookup_proxy.py --cells 144 --questions 4          # 0.75 by step 900
 
 Needs torch and sentencepiece, and `data/synthvqa/tokenizer` (python -m dynllava_jax.data.synthvqa).
 """
@@ -40,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--questions", type=int, default=1,
+                    help="questions a sequence, each answered (as a SynthVQA record's turns)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -68,13 +73,16 @@ def main(argv=None) -> int:
     def sample():
         n = int(rng.integers(1, 5))
         cells, cs, ss = rng.permutation(9)[:n], rng.permutation(6)[:n], rng.permutation(4)[:n]
-        k = int(rng.integers(n))
-        if rng.integers(2):
-            q, ans = f"What shape is the {COLOURS[cs[k]]} object? ASSISTANT:", sid[ss[k]]
-        else:
-            q, ans = f"What colour is the {SHAPES[ss[k]]}? ASSISTANT:", cid[cs[k]]
         grid = {int(c): (cid[ci], sid[si]) for c, ci, si in zip(cells, cs, ss)}
-        return grid, sp.encode(q), ans
+        turns = []
+        for _ in range(a.questions):
+            k = int(rng.integers(n))
+            if rng.integers(2):
+                q, ans = f"What shape is the {COLOURS[cs[k]]} object? ASSISTANT:", sid[ss[k]]
+            else:
+                q, ans = f"What colour is the {SHAPES[ss[k]]}? ASSISTANT:", cid[cs[k]]
+            turns.append((sp.encode(q), ans))
+        return grid, turns
 
     def cell_tokens(grid):
         per = side // 3
@@ -85,20 +93,25 @@ def main(argv=None) -> int:
                 rows.append(emb.weight[hit[0]] + emb.weight[hit[1]] if hit else emb.weight[empty])
         return torch.stack(rows)
 
-    hits, t0 = [], time.time()
+    hits, hits_first, t0 = [], [], time.time()
     for step in range(1, a.steps + 1):
         batch = [sample() for _ in range(a.batch)]
-        n_max = len(prefix) + a.cells + max(len(q) for _, q, _ in batch) + 1
+        n_max = len(prefix) + a.cells + max(sum(len(q) + 1 for q, _ in t) for _, t in batch)
         x = torch.zeros(a.batch, n_max, cfg.hidden_size)
         labels = torch.full((a.batch, n_max), -100)
         att = torch.zeros(a.batch, n_max, dtype=torch.long)
-        where = []
-        for j, (grid, q, ans) in enumerate(batch):
-            text = emb(torch.tensor(q + [ans]))
-            row = torch.cat([emb(torch.tensor(prefix)), cell_tokens(grid), text])
+        where = []  # (row, position predicting the answer, answer id, first turn?)
+        for j, (grid, turns) in enumerate(batch):
+            ids = [i for q, ans in turns for i in q + [ans]]
+            row = torch.cat([emb(torch.tensor(prefix)), cell_tokens(grid), emb(torch.tensor(ids))])
             n = row.shape[0]
-            x[j, :n], att[j, :n], labels[j, n - 1] = row, 1, ans
-            where.append(n - 2)
+            x[j, :n], att[j, :n] = row, 1
+            pos = len(prefix) + a.cells
+            for t, (q, ans) in enumerate(turns):
+                pos += len(q)
+                labels[j, pos] = ans
+                where.append((j, pos - 1, ans, t == 0))
+                pos += 1
         out = m(inputs_embeds=x, attention_mask=att, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
@@ -106,10 +119,13 @@ def main(argv=None) -> int:
         sched.step()
         opt.zero_grad()
         pred = out.logits.argmax(-1)
-        hits += [int(pred[j, where[j]]) == batch[j][2] for j in range(a.batch)]
+        hits += [int(pred[j, p]) == ans for j, p, ans, _ in where]
+        hits_first += [int(pred[j, p]) == ans for j, p, ans, f in where if f]
         if step % 100 == 0:
             print(f"step {step}: loss {out.loss.item():.3f}, accuracy (last 100 steps) "
-                  f"{np.mean(hits[-100 * a.batch:]):.3f}, {time.time() - t0:.0f} s", flush=True)
+                  f"{np.mean(hits[-100 * a.batch * a.questions:]):.3f}"
+                  + (f" (first questions {np.mean(hits_first[-100 * a.batch:]):.3f})" if a.questions > 1 else "")
+                  + f", {time.time() - t0:.0f} s", flush=True)
     return 0
 
 
