@@ -27,11 +27,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle", "diamond")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dynllava_jax.data.synthvqa import COLOURS, GRID, SHAPES  # noqa: E402
+
+COLOUR_WORDS = tuple(COLOURS)   # the dataset's colour names, in its order
 
 
 def main(argv=None) -> int:
@@ -53,8 +57,11 @@ def main(argv=None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(a.seed)
     sp = spm.SentencePieceProcessor(model_file=a.tokenizer)
-    first = lambda w: sp.encode(w)[0]  # noqa: E731  (each of these words is one piece)
-    cid, sid, empty = [first(c) for c in COLOURS], [first(s) for s in SHAPES], first("empty")
+
+    def piece(word: str) -> int:  # each of these words is one piece of the SynthVQA tokenizer
+        return sp.encode(word)[0]
+
+    cid, sid, empty = [piece(c) for c in COLOUR_WORDS], [piece(s) for s in SHAPES], piece("empty")
     cfg = LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, intermediate_size=344,
                       max_position_embeddings=1024, initializer_range=0.02)
@@ -72,24 +79,25 @@ def main(argv=None) -> int:
 
     def sample():
         n = int(rng.integers(1, 5))
-        cells, cs, ss = rng.permutation(9)[:n], rng.permutation(6)[:n], rng.permutation(4)[:n]
+        cells = rng.permutation(GRID * GRID)[:n]
+        cs, ss = rng.permutation(len(COLOUR_WORDS))[:n], rng.permutation(len(SHAPES))[:n]
         grid = {int(c): (cid[ci], sid[si]) for c, ci, si in zip(cells, cs, ss)}
         turns = []
         for _ in range(a.questions):
             k = int(rng.integers(n))
             if rng.integers(2):
-                q, ans = f"What shape is the {COLOURS[cs[k]]} object? ASSISTANT:", sid[ss[k]]
+                q, ans = f"What shape is the {COLOUR_WORDS[cs[k]]} object? ASSISTANT:", sid[ss[k]]
             else:
                 q, ans = f"What colour is the {SHAPES[ss[k]]}? ASSISTANT:", cid[cs[k]]
             turns.append((sp.encode(q), ans))
         return grid, turns
 
     def cell_tokens(grid):
-        per = side // 3
+        per = side // GRID
         rows = []
         for r in range(side):
             for c in range(side):
-                hit = grid.get((r // per) * 3 + c // per)
+                hit = grid.get((r // per) * GRID + c // per)
                 rows.append(emb.weight[hit[0]] + emb.weight[hit[1]] if hit else emb.weight[empty])
         return torch.stack(rows)
 
