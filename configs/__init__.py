@@ -22,6 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.assets_dir = ""                  # tokenizer + preprocessor files (default: init_from)
     c.dtype = "bfloat16"               # compute dtype
     c.param_dtype = "float32"          # dtype of the trained params and optimiser state
+    # Fresh weights: > 0 draws the LLM's embeddings and kernels N(0, init_std) (LLaMA's
+    # initializer_range) instead of flax's defaults; `reinit` ("llm", "projector", ...) names
+    # param groups of init_from to draw anew instead of loading them.
+    c.init_std = 0.0
+    c.reinit = ""
 
     # Dynamic-LLaVA settings (SPEC §2, §4), written into the exported model_config.json.
     c.sparse = ml_collections.ConfigDict()
@@ -44,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: add the cell objective (objective.py; needs data.cell_grid and records with
     # cell_text): each grid cell's mean image token scored against the words naming it.
     c.objective.cell_loss_weight = 0.0
+    # True: score every image token of a cell against its words, not the cell's mean token.
+    c.objective.cell_per_token = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-6                  # LLM (+ projector)

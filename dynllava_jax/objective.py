@@ -171,7 +171,7 @@ def token_nll(params, cfg: ModelConfig, x_BTH, tgt_BT, chunk: int = 0, constrain
 
 
 def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
-                  constrain=None, ce_chunk: int = 0):
+                  constrain=None, ce_chunk: int = 0, cell_per_token: bool = False):
     """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
 
     batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
@@ -193,7 +193,7 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
 
     feats = M.image_features(params, cfg, batch["pixels"])
     cells = batch.get("cell_targets")
-    cell_sum = (cell_nll(params, feats, cells, image_start) if cells is not None
+    cell_sum = (cell_nll(params, feats, cells, image_start, cell_per_token) if cells is not None
                 else jnp.zeros((b,), jnp.float32))
     cons = constrain if constrain is not None else (lambda a: a)
     x = cons(M.embed_inputs(params, cfg, tokens, feats, image_start))
@@ -269,15 +269,34 @@ def scored_cells(targets_BCK, image_start_B):
     return (targets_BCK >= 0) & (image_start_B >= 0)[:, None, None]
 
 
-def cell_nll(params, feats_BNH, targets_BCK, image_start_B):
-    """Per-sample sums [B] of the cell objective's NLL (module doc)."""
+def cell_tokens(feats_BNH, grid: int):
+    """[B, grid*grid, P, H]: the image tokens (a square of N) grouped by the cell of a
+    grid x grid partition they lie in, cells row by row, P = N / grid^2 tokens each."""
+    b, n, h = feats_BNH.shape
+    side = math.isqrt(n)
+    if side * side != n or side % grid:
+        raise ValueError(f"a {grid} x {grid} grid does not tile the {n} image tokens evenly")
+    per = side // grid
+    x = feats_BNH.reshape(b, grid, per, grid, per, h).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, grid * grid, per * per, h)
+
+
+def cell_nll(params, feats_BNH, targets_BCK, image_start_B, per_token: bool = False):
+    """Per-sample sums [B] of the cell objective's NLL (module doc). per_token: every token
+    of a cell is scored against the cell's words (the mean of their NLLs) instead of the
+    cell's mean token, so that each token names its cell's object on its own."""
     g = math.isqrt(targets_BCK.shape[1])
     if g * g != targets_BCK.shape[1]:
         raise ValueError(f"{targets_BCK.shape[1]} cell targets are not a G x G grid")
-    x = cell_means(feats_BNH.astype(jnp.float32), g)
+    f = feats_BNH.astype(jnp.float32)
     table = params["llm"]["embed_tokens"]["embedding"].astype(jnp.float32)
-    logp = jax.nn.log_softmax(x @ table.T, axis=-1)                            # [B, C, V]
-    nll = -jnp.take_along_axis(logp, jnp.clip(targets_BCK, 0), axis=-1)       # [B, C, K]
+    tgt = jnp.clip(targets_BCK, 0)
+    if per_token:
+        logp = jax.nn.log_softmax(cell_tokens(f, g) @ table.T, axis=-1)          # [B, C, P, V]
+        nll = -jnp.take_along_axis(logp, tgt[:, :, None, :], axis=-1).mean(2)  # [B, C, K]
+    else:
+        logp = jax.nn.log_softmax(cell_means(f, g) @ table.T, axis=-1)           # [B, C, V]
+        nll = -jnp.take_along_axis(logp, tgt, axis=-1)                          # [B, C, K]
     return jnp.where(scored_cells(targets_BCK, image_start_B), nll, 0.0).sum((1, 2))
 
 
@@ -306,10 +325,11 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig,
 
 def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
             text_ratio_mean: str = "all", ce_group_size: int = 0, denom: Any = None,
-            ce_chunk: int = 0, cell_weight: float = 0.0):
+            ce_chunk: int = 0, cell_weight: float = 0.0, cell_per_token: bool = False):
     """Whole-batch loss (no micro-batching): (loss, metrics)."""
     if denom is None:
         denom = loss_denominators(batch, cfg, text_ratio_mean)
     batch = dict(batch, ce_weight=ce_weights(batch["labels"], ce_group_size))
-    sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat, ce_chunk=ce_chunk)
+    sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat, ce_chunk=ce_chunk,
+                            cell_per_token=cell_per_token)
     return combine(sums, denom, cfg, cell_weight)

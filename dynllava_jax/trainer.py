@@ -77,6 +77,7 @@ class StepConfig:
     ce_group_size: int = 0
     ce_chunk: int = 0
     cell_loss_weight: float = 0.0
+    cell_per_token: bool = False
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
@@ -101,7 +102,8 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
 
         def micro(tp, mb):
             sums, _ = O.forward_train(optim.merge_params(tp, state.frozen), cfg, mb, rng, tau,
-                                      remat=sc.remat, constrain=constrain, ce_chunk=sc.ce_chunk)
+                                      remat=sc.remat, constrain=constrain, ce_chunk=sc.ce_chunk,
+                                      cell_per_token=sc.cell_per_token)
             loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight)
             return loss, jax.tree_util.tree_map(jnp.sum, sums)
 
@@ -460,7 +462,8 @@ class Trainer:
             text_ratio_mean=config.objective.text_ratio_mean,
             ce_group_size=int(config.objective.ce_group_size),
             ce_chunk=int(config.objective.get("ce_chunk", 0)),
-            cell_loss_weight=float(config.objective.get("cell_loss_weight", 0.0)))
+            cell_loss_weight=float(config.objective.get("cell_loss_weight", 0.0)),
+            cell_per_token=bool(config.objective.get("cell_per_token", False)))
         self._check_cells()
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
@@ -530,16 +533,26 @@ class Trainer:
         never holds the whole model)."""
         seed = int(self.config.train.seed)
         key = jax.random.PRNGKey(seed)
+        std = float(self.config.get("init_std", 0.0))
+        fresh_params = lambda k: optim.cast_tree(  # noqa: E731
+            M.init_params(self.cfg, k, with_predictors=True, llm_init_std=std),
+            self.cfg.param_dtype)
         if self.init_dir is None:
-            return jax.jit(lambda k: optim.cast_tree(
-                M.init_params(self.cfg, k, with_predictors=True), self.cfg.param_dtype),
-                out_shardings=shardings)(key)
+            return jax.jit(fresh_params, out_shardings=shardings)(key)
         from .checkpoint import load_params
         missing = set(self.missing_predictors)
+        redraw = self.reinit_groups()
         target = {k: jax.tree_util.tree_map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), v, shardings[k])
             for k, v in abstract.items() if k not in missing}
-        params = dict(load_params(self.init_dir, target))
+        params = dict(load_params(self.init_dir, target))  # all of it: checksums cover all
+        if redraw:
+            log.info("drawing %s anew (init_std %s) instead of loading them from %s",
+                     sorted(redraw), std or "flax defaults", self.init_dir)
+            params.update(jax.jit(lambda k: {n: v for n, v in fresh_params(k).items()
+                                             if n in redraw},
+                                  out_shardings={n: shardings[n] for n in redraw})(
+                jax.random.fold_in(key, 2)))
         if missing:
             log.info("%s has no predictors: initialising %s", self.init_dir, sorted(missing))
             pred_sh = {k: shardings[k] for k in missing}
@@ -548,6 +561,19 @@ class Trainer:
                 out_shardings=pred_sh)(jax.random.fold_in(key, 1))
             params.update(fresh)
         return params
+
+    def reinit_groups(self) -> set:
+        """The top-level param groups `config.reinit` names ("llm", "projector", ...):
+        drawn anew rather than loaded from init_from."""
+        names = {n.strip() for n in str(self.config.get("reinit", "")).split(",") if n.strip()}
+        known = set(jax.eval_shape(lambda: M.init_params(
+            self.cfg, jax.random.PRNGKey(0), with_predictors=True)))
+        if names - known:
+            raise ValueError(f"reinit names {sorted(names - known)}; param groups are "
+                             f"{sorted(known)}")
+        if names and self.init_dir is None:
+            raise ValueError("reinit needs init_from: with init_from=random every group is new")
+        return names
 
     def _make_data(self):
         c, cfg = self.config, self.cfg

@@ -107,6 +107,57 @@ def test_answers_follow_from_the_scene_and_the_pixels(data):
             assert tuple(image[cy, cx]) == S.COLOURS[o["colour"]]
 
 
+def test_lookup_records_name_objects_and_answer_right(data):
+    """train_lookup.json: one record a training image whose questions mostly name an object
+    (colour, shape, presence, position, choice), each answer following from the scene, plus
+    train.json's description records; train.json itself does not depend on it."""
+    out, _ = data
+    train = json.loads((out / "train.json").read_text())
+    lookup = json.loads((out / "train_lookup.json").read_text())
+    assert [r for r in lookup if not r["id"].endswith("-lookup")] == [
+        r for r in train if r["conversations"][0]["value"].endswith(S.DESCRIBE)]
+    named = total = 0
+    for i in range(N_TRAIN):
+        (r,) = [r for r in lookup if r["id"] == f"train-{i:05d}-lookup"]
+        scene = dataclasses.asdict(S.make_scene(S.scene_rng(3, "train", i)))
+        conv = r["conversations"]
+        assert 2 <= len(conv) <= 14 and conv[0]["value"].startswith("<image>\n")
+        assert sum("<image>" in m["value"] for m in conv) == 1
+        assert r["cell_text"] == train[i]["cell_text"] and r["image"] == train[i]["image"]
+        qs = [m["value"].replace("<image>\n", "") for m in conv[::2]]
+        assert len(set(qs)) == len(qs)
+        for q, a in zip(qs, conv[1::2]):
+            assert _expected(q, scene) == a["value"], q
+            named += not (q.startswith("How many") or "word" in q or "text" in q)
+            total += 1
+    assert named / total > 0.75
+
+
+def test_cell_objective_per_token():
+    """per_token scores every token of a cell against the cell's words: equal to the
+    cell-mean objective when a cell's tokens are equal, and to a loop over tokens."""
+    import jax
+    import jax.numpy as jnp
+    from dynllava_jax import objective as O
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(20, 8)).astype(np.float32)
+    params = {"llm": {"embed_tokens": {"embedding": jnp.asarray(table)}}}
+    targets = rng.integers(-1, 20, size=(2, 4, 3)).astype(np.int32)  # 2 x 2 grid, 3 words
+    start = np.array([5, -1], np.int32)                               # sample 1: no image
+    cells = rng.normal(size=(2, 2, 1, 2, 1, 8)).astype(np.float32)
+    same = np.broadcast_to(cells, (2, 2, 3, 2, 3, 8)).reshape(2, 36, 8)
+    np.testing.assert_allclose(O.cell_nll(params, jnp.asarray(same), targets, start, True),
+                               O.cell_nll(params, jnp.asarray(same), targets, start), rtol=1e-5)
+    feats = rng.normal(size=(2, 36, 8)).astype(np.float32)
+    got = np.asarray(O.cell_nll(params, jnp.asarray(feats), targets, start, per_token=True))
+    want = 0.0
+    for r in range(6):
+        for c in range(6):
+            logp = np.asarray(jax.nn.log_softmax(feats[0, r * 6 + c] @ table.T))
+            want -= sum(logp[t] for t in targets[0, (r // 3) * 2 + c // 3] if t >= 0) / 9
+    assert got[1] == 0 and got[0] == pytest.approx(want, rel=1e-5)
+
+
 def test_tokenizer_follows_llava_rules(data):
     from dynllava_jax.conversation import tokenize_conversation_with_labels
     from dynllava_jax.image_processing import ImageProcessor

@@ -132,6 +132,26 @@ def test_init_from_plain_llava_adds_predictors(tmp_path):
     tr.close()
 
 
+def test_reinit_draws_named_groups_anew_with_llama_init(tmp_path):
+    """`reinit=llm` + `init_std`: the LLM is new, N(0, init_std) with unit norm scales,
+    and every other group is init_from's, unchanged."""
+    _, params = load_converted(ASSETS)
+    tr = T.Trainer(tiny_config(**{"train.total_steps": 2, "reinit": "llm", "init_std": 0.02}),
+                   tmp_path / "wd", init_from=str(ASSETS), progress=False)
+    got = jax.device_get(optim.merge_params(tr.state.params, tr.state.frozen))
+    tr.close()
+    for k in ("vision", "projector", "image_predictor", "text_predictor"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got[k], params[k])
+    emb = np.asarray(got["llm"]["embed_tokens"]["embedding"])
+    assert not np.allclose(emb, params["llm"]["embed_tokens"]["embedding"])
+    assert abs(emb.std() - 0.02) < 0.002 and abs(emb.mean()) < 0.002
+    assert np.asarray(got["llm"]["layers"]["q_proj"]["kernel"]).std() == pytest.approx(0.02, rel=0.1)
+    np.testing.assert_array_equal(got["llm"]["norm"]["scale"], 1.0)
+    with pytest.raises(ValueError, match="reinit names"):
+        T.Trainer(tiny_config(**{"train.total_steps": 2, "reinit": "llm,tower"}),
+                  tmp_path / "wd2", init_from=str(ASSETS), progress=False)
+
+
 def test_config_overrides():
     c = tiny_config(**{"optim.lr": "3e-4", "train.total_steps": "7", "data.num_epochs": "2",
                        "init_from": "random", "checkpoint.async_save": "false"})

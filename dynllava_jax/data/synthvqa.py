@@ -26,6 +26,8 @@ describe    Describe the image in detail.                             60-200 tok
     out/images/{train,eval}-NNNNN.png
     out/train.json                  LLaVA instruction format, one multi-turn record per
                                     training image (the pipeline and tfds_builder read it)
+    out/train_lookup.json           the same images: questions that name objects (see
+                                    `lookup_record`) + train.json's description records
     out/eval/questions.jsonl        LLaVA's eval format: {question_id, image, text, category}
     out/eval/annotations.jsonl      {question_id, type, answer, answers, category, image}
     out/eval/pope/synth_pope_{random,adversarial}.json   POPE label files
@@ -199,12 +201,13 @@ def _choice(rng, question: str, right: str, pool) -> QA:
 
 
 def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
-                  negative: Optional[bool] = None) -> Optional[QA]:
+                  negative: Optional[bool] = None, obj: Optional[Obj] = None) -> Optional[QA]:
     """One question of `qtype` about `scene` (None where the type does not apply: position
     with one shape, ocr without a word). presence: `negative` picks the answer (default:
-    random)."""
+    random); colour, shape, choice: `obj` names the object asked about (default: random)."""
     objs = scene.objects
-    pick = objs[int(rng.integers(len(objs)))]
+    pick = objs[int(rng.integers(len(objs)))]  # drawn either way: the same draws follow
+    pick = obj if obj is not None else pick
     if qtype == "colour":
         return QA(qtype, f"What colour is the {pick.shape}?", pick.colour)
     if qtype == "shape":
@@ -291,7 +294,7 @@ def size_word(o: Obj) -> str:
 
 # -- records ----------------------------------------------------------------------------
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, {"train": 0, "eval": 1}[split], index])
+    return np.random.default_rng([seed, {"train": 0, "eval": 1, "lookup": 2}[split], index])
 
 
 def train_record(scene: Scene, rng: np.random.Generator, rid: str, image: str,
@@ -309,6 +312,32 @@ def train_record(scene: Scene, rng: np.random.Generator, rid: str, image: str,
     qas = [qas[int(i)] for i in rng.permutation(len(qas))][:max_rounds]
     if with_describe:
         qas = [make_question(scene, "describe", rng)]
+    return _record(qas, rid, image, scene)
+
+
+def lookup_record(scene: Scene, rng: np.random.Generator, rid: str, image: str,
+                  max_rounds: int = 7) -> dict:
+    """One record of up to `max_rounds` short questions, most of which name an object and
+    need its cell found among the image tokens: the colour and the shape question about
+    every object, three presence questions, two position questions, one multiple choice,
+    plus count and ocr (shuffled, the first `max_rounds` kept): 5.8 object-naming questions
+    a record on average (2.9 colour or shape), against 5.4 (2.4) in `train_record`'s."""
+    qas: list[QA] = []
+
+    def add(qa):
+        if qa is not None and all(qa.question != q.question for q in qas):
+            qas.append(qa)
+    for o in scene.objects:
+        add(make_question(scene, "colour", rng, obj=o))
+        add(make_question(scene, "shape", rng, obj=o))
+    for t, n in (("presence", 3), ("position", 2), ("choice", 1), ("count", 1), ("ocr", 1)):
+        for _ in range(n):
+            add(make_question(scene, t, rng))
+    qas = [qas[int(i)] for i in rng.permutation(len(qas))][:max_rounds]
+    return _record(qas, rid, image, scene)
+
+
+def _record(qas: list[QA], rid: str, image: str, scene: Scene) -> dict:
     conv = []
     for k, qa in enumerate(qas):
         q = f"<image>\n{qa.question}" if k == 0 else qa.question
@@ -366,18 +395,27 @@ def write_synthvqa(out_dir, train_images: int = 12000, eval_images: int = 160, s
 
 def write_train(out_dir, train_images: int, seed: int, describe_every: int = 3,
                 progress: bool = False) -> list[dict]:
-    """The training images and `train.json`; returns the records."""
+    """The training images, `train.json` and `train_lookup.json`; returns the records of
+    `train.json` (what the tokenizer is trained on).
+
+    train_lookup.json: the same images, each with a `lookup_record` (its own random stream,
+    so train.json does not depend on it), plus train.json's description records."""
     from tqdm import tqdm
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    records = []
+    records, lookup = [], []
     for i in tqdm(range(train_images), desc="train images", disable=not progress, file=sys.stderr):
         rng = scene_rng(seed, "train", i)
         scene = make_scene(rng)
         rel = f"images/train-{i:05d}.png"
         draw_scene(scene, rng).save(out / rel)
         records.append(train_record(scene, rng, f"train-{i:05d}", rel, i % describe_every == 0))
+        lookup.append(lookup_record(scene, scene_rng(seed, "lookup", i), f"train-{i:05d}-lookup",
+                                    rel))
+        if i % describe_every == 0:
+            lookup.append(records[-1])
     _write_json(out / "train.json", records)
+    _write_json(out / "train_lookup.json", lookup)
     return records
 
 
