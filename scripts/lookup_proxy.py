@@ -22,7 +22,8 @@ the model finds the named cell. (README, *The SynthVQA model*.)
 
 `--features CHECKPOINT` gives the image as a real tower's tokens instead: the projected image
 tokens of CHECKPOINT (a SynthVQA checkpoint, e.g. the bundled one) for `--scenes` scenes drawn
-by SynthVQA's generator, asked about their objects (`--cells` does not apply).
+by SynthVQA's generator, asked about their objects (`--cells` does not apply); the last
+`--heldout` scenes are kept out of training and their accuracy (one question each) is printed.
 
 `--attention-loss W` adds W x the mean over answers of -log(the attention mass that head 0 of
 layer `--attention-layer` puts, at the position that predicts the answer, on the named
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--features", default="",
                     help="a SynthVQA checkpoint whose image tokens replace the ideal ones")
     ap.add_argument("--scenes", type=int, default=6000, help="scenes drawn for --features")
+    ap.add_argument("--heldout", type=int, default=500,
+                    help="--features: the last N scenes are not trained on; one question each "
+                         "is answered every 100 steps (held-out accuracy)")
     a = ap.parse_args(argv)
     if a.features:
         a.cells = 144
@@ -99,14 +103,14 @@ def main(argv=None) -> int:
     prefix = sp.encode("USER:")
     side = int(round(a.cells ** 0.5))
 
-    def sample():
+    def sample(i=None, r=rng, questions=a.questions):
         if a.features:  # one of the drawn scenes, questions about its objects
-            i = int(rng.integers(len(scenes)))
+            i = int(r.integers(len(scenes) - a.heldout)) if i is None else i
             objs = scenes[i].objects
             turns = []
-            for _ in range(a.questions):
-                o = objs[int(rng.integers(len(objs)))]
-                if rng.integers(2):
+            for _ in range(questions):
+                o = objs[int(r.integers(len(objs)))]
+                if r.integers(2):
                     q, ans = f"What shape is the {o.colour} object? ASSISTANT:", piece(o.shape)
                 else:
                     q, ans = f"What colour is the {o.shape}? ASSISTANT:", piece(o.colour)
@@ -142,14 +146,12 @@ def main(argv=None) -> int:
                 rows.append(emb.weight[hit[0]] + emb.weight[hit[1]] if hit else emb.weight[empty])
         return torch.stack(rows)
 
-    hits, hits_first, t0 = [], [], time.time()
-    for step in range(1, a.steps + 1):
-        batch = [sample() for _ in range(a.batch)]
+    def inputs(batch):
         n_max = len(prefix) + a.cells + max(sum(len(q) + 1 for q, _, _ in t) for _, t in batch)
-        x = torch.zeros(a.batch, n_max, cfg.hidden_size)
-        labels = torch.full((a.batch, n_max), -100)
-        att = torch.zeros(a.batch, n_max, dtype=torch.long)
-        where = []  # (row, position predicting the answer, answer id, first turn?)
+        x = torch.zeros(len(batch), n_max, cfg.hidden_size)
+        labels = torch.full((len(batch), n_max), -100)
+        att = torch.zeros(len(batch), n_max, dtype=torch.long)
+        where = []  # (row, position predicting the answer, answer id, first turn?, cell)
         for j, (grid, turns) in enumerate(batch):
             ids = [i for q, ans, _ in turns for i in q + [ans]]
             row = torch.cat([emb(torch.tensor(prefix)), cell_tokens(grid), emb(torch.tensor(ids))])
@@ -161,6 +163,25 @@ def main(argv=None) -> int:
                 labels[j, pos] = ans
                 where.append((j, pos - 1, ans, t == 0, cell))
                 pos += 1
+        return x, labels, att, where
+
+    held = []
+    if a.features:  # one fixed question about each held-out scene
+        r = np.random.default_rng([a.seed, 99])
+        held = [sample(i, r, 1) for i in range(len(scenes) - a.heldout, len(scenes))]
+
+    def heldout_accuracy():
+        right = []
+        with torch.no_grad():
+            for k in range(0, len(held), 100):
+                x, labels, att, where = inputs(held[k:k + 100])
+                pred = m(inputs_embeds=x, attention_mask=att).logits.argmax(-1)
+                right += [int(pred[j, p]) == ans for j, p, ans, _, _ in where]
+        return float(np.mean(right))
+
+    hits, hits_first, t0 = [], [], time.time()
+    for step in range(1, a.steps + 1):
+        x, labels, att, where = inputs([sample() for _ in range(a.batch)])
         out = m(inputs_embeds=x, attention_mask=att, labels=labels,
                 output_attentions=a.attention_loss > 0)
         loss = out.loss
@@ -182,6 +203,7 @@ def main(argv=None) -> int:
                   f"{np.mean(hits[-100 * a.batch * a.questions:]):.3f}"
                   + (f" (first questions {np.mean(hits_first[-100 * a.batch:]):.3f})" if a.questions > 1 else "")
                   + (f", attention mass on the cell {mass.mean().item():.2f}" if a.attention_loss > 0 else "")
+                  + (f", held-out {heldout_accuracy():.3f}" if held else "")
                   + f", {time.time() - t0:.0f} s", flush=True)
     return 0
 
