@@ -256,22 +256,13 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
 def cell_means(feats_BNH, grid: int):
     """[B, grid*grid, H] means of the image tokens (a square of N) over each cell of a
     grid x grid partition, row by row (numpy or jax arrays)."""
-    b, n, h = feats_BNH.shape
-    side = math.isqrt(n)
-    if side * side != n or side % grid:
-        raise ValueError(f"a {grid} x {grid} grid does not tile the {n} image tokens evenly")
-    per = side // grid
-    return feats_BNH.reshape(b, grid, per, grid, per, h).mean((2, 4)).reshape(b, grid * grid, h)
-
-
-def scored_cells(targets_BCK, image_start_B):
-    """Which cell targets count: set (>= 0), in a sample with an image."""
-    return (targets_BCK >= 0) & (image_start_B >= 0)[:, None, None]
+    return cell_tokens(feats_BNH, grid).mean(2)
 
 
 def cell_tokens(feats_BNH, grid: int):
     """[B, grid*grid, P, H]: the image tokens (a square of N) grouped by the cell of a
-    grid x grid partition they lie in, cells row by row, P = N / grid^2 tokens each."""
+    grid x grid partition they lie in, cells row by row, P = N / grid^2 tokens each
+    (numpy or jax arrays)."""
     b, n, h = feats_BNH.shape
     side = math.isqrt(n)
     if side * side != n or side % grid:
@@ -279,6 +270,11 @@ def cell_tokens(feats_BNH, grid: int):
     per = side // grid
     x = feats_BNH.reshape(b, grid, per, grid, per, h).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, grid * grid, per * per, h)
+
+
+def scored_cells(targets_BCK, image_start_B):
+    """Which cell targets count: set (>= 0), in a sample with an image."""
+    return (targets_BCK >= 0) & (image_start_B >= 0)[:, None, None]
 
 
 def cell_nll(params, feats_BNH, targets_BCK, image_start_B, per_token: bool = False):

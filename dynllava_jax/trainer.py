@@ -534,14 +534,16 @@ class Trainer:
         seed = int(self.config.train.seed)
         key = jax.random.PRNGKey(seed)
         std = float(self.config.get("init_std", 0.0))
-        fresh_params = lambda k: optim.cast_tree(  # noqa: E731
-            M.init_params(self.cfg, k, with_predictors=True, llm_init_std=std),
-            self.cfg.param_dtype)
+
+        def fresh_params(k):
+            return optim.cast_tree(
+                M.init_params(self.cfg, k, with_predictors=True, llm_init_std=std),
+                self.cfg.param_dtype)
         if self.init_dir is None:
             return jax.jit(fresh_params, out_shardings=shardings)(key)
         from .checkpoint import load_params
         missing = set(self.missing_predictors)
-        redraw = self.reinit_groups()
+        redraw = self.reinit_groups(set(abstract))
         target = {k: jax.tree_util.tree_map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), v, shardings[k])
             for k, v in abstract.items() if k not in missing}
@@ -562,12 +564,10 @@ class Trainer:
             params.update(fresh)
         return params
 
-    def reinit_groups(self) -> set:
-        """The top-level param groups `config.reinit` names ("llm", "projector", ...):
-        drawn anew rather than loaded from init_from."""
+    def reinit_groups(self, known: set) -> set:
+        """The top-level param groups (of `known`) that `config.reinit` names ("llm",
+        "projector", ...): drawn anew rather than loaded from init_from."""
         names = {n.strip() for n in str(self.config.get("reinit", "")).split(",") if n.strip()}
-        known = set(jax.eval_shape(lambda: M.init_params(
-            self.cfg, jax.random.PRNGKey(0), with_predictors=True)))
         if names - known:
             raise ValueError(f"reinit names {sorted(names - known)}; param groups are "
                              f"{sorted(known)}")

@@ -32,7 +32,7 @@ def readout(checkpoint, scenes: int = 200, seed: int = 123,
     from dynllava_jax.checkpoint import load_converted
     from dynllava_jax.data import synthvqa as S
     from dynllava_jax.image_processing import ImageProcessor
-    from dynllava_jax.objective import cell_means, cell_tokens
+    from dynllava_jax.objective import cell_tokens
     from dynllava_jax.tokenizer import LlavaTokenizer
     cfg, params = load_converted(checkpoint)
     tok, ip = LlavaTokenizer.from_dir(checkpoint), ImageProcessor.from_dir(checkpoint)
@@ -47,8 +47,8 @@ def readout(checkpoint, scenes: int = 200, seed: int = 123,
                         for i in range(0, scenes, 50)])
     table = np.asarray(params["llm"]["embed_tokens"]["embedding"]).T
     # [B, C, P, V]: P = 1 (the cell's mean token) or every token of the cell
-    logits = (np.asarray(cell_tokens(f, S.GRID)) if per_token
-              else cell_means(f, S.GRID)[:, :, None]) @ table
+    cells = cell_tokens(f, S.GRID)
+    logits = (cells if per_token else cells.mean(2, keepdims=True)) @ table
     hits: dict[str, list[bool]] = {k: [] for k in words}
 
     def pick(i, cell, k):

@@ -130,15 +130,13 @@ def main(argv=None) -> int:
             turns.append((sp.encode(q), ans, int(cells[k])))
         return grid, turns
 
-    def cell_positions(cell):  # the image tokens of grid cell `cell`, as offsets
-        per = side // GRID
-        return [r * side + c for r in range(side) for c in range(side)
-                if (r // per) * GRID + c // per == cell]
+    per = side // GRID  # each grid cell's image tokens, as offsets
+    cell_positions = {k: [r * side + c for r in range(side) for c in range(side)
+                          if (r // per) * GRID + c // per == k] for k in range(GRID * GRID)}
 
     def cell_tokens(grid):
         if a.features:  # `grid` is the scene's index
             return torch.from_numpy(feats[grid])
-        per = side // GRID
         rows = []
         for r in range(side):
             for c in range(side):
@@ -187,7 +185,7 @@ def main(argv=None) -> int:
         loss = out.loss
         if a.attention_loss > 0:
             probs = out.attentions[a.attention_layer][:, 0]           # [B, query, key]
-            mass = torch.stack([probs[j, p, [len(prefix) + o for o in cell_positions(c)]].sum()
+            mass = torch.stack([probs[j, p, [len(prefix) + o for o in cell_positions[c]]].sum()
                                 for j, p, _, _, c in where])
             loss = loss + a.attention_loss * -mass.clamp_min(1e-6).log().mean()
         loss.backward()
