@@ -51,6 +51,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.cell_loss_weight = 0.0
     # True: score every image token of a cell against its words, not the cell's mean token.
     c.objective.cell_per_token = False
+    # > 0: add the attention objective (objective.py; needs data.attention_turns, data.cell_grid
+    # and records with turn_cells): head `attention_head` of layer `attention_layer`, where it
+    # predicts an answer, attends to the image tokens of the cell the question names.
+    c.objective.attention_loss_weight = 0.0
+    c.objective.attention_layer = 1
+    c.objective.attention_head = 0
+    # "mass": -log(its attention mass on the cell); "uniform": cross-entropy to the uniform
+    # distribution over the cell's tokens (it reads the whole cell).
+    c.objective.attention_target = "mass"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-6                  # LLM (+ projector)

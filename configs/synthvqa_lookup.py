@@ -27,4 +27,6 @@ def get_config():
     c.data.json_path = "data/synthvqa/train_lookup.json"
     c.train.total_steps = 3000
     c.train.seed = 2
+    c.data.attention_turns = 0               # as measured: before the attention objective
+    c.objective.attention_loss_weight = 0.0
     return c

@@ -56,6 +56,22 @@ embeddings of the words that name its content, e.g. ``small red circle``):
 
   loss += w * sum_{b, cell, k: target >= 0} -log softmax(mean_cell(feats) E^T)[target]
             / #(targets >= 0 in the global batch)
+
+Optional attention objective (not in Dynamic-LLaVA; ``objective.attention_loss_weight``
+w > 0 with batches that carry ``turn_cells [B, R]``, see ``data.attention_turns``): a
+supervised attention signal for an LLM trained from random weights, which otherwise does
+not learn to find the object a question names among the image tokens (README, *The
+SynthVQA model*: ``scripts/lookup_proxy.py``). At each position that predicts the first
+token of an answer whose question names one grid cell (the r-th answer of a sample: the
+r-th run of scored positions), head ``attention_head`` of layer ``attention_layer`` (its
+softmax over the causal, unpadded keys, recomputed from the hidden states entering that
+layer, before any sparsification) should put its mass on that cell's image tokens:
+
+  loss += w * sum_{marked queries} -log(max(mass on the cell's image tokens, 1e-6))
+            / #(marked queries in the global batch)
+
+(``objective.attention_target = "uniform"``: -mean over the cell's image tokens of
+log p(token) instead of -log(mass): the head is taught to read the whole cell.)
 """
 
 from __future__ import annotations
@@ -65,10 +81,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import model as M
 from .config import ModelConfig
-from .llama import run_stack, split_layers
+from .llama import RMSNorm, apply_rope, run_stack, split_layers
 from .sparsity import gumbel_hard_keep
 
 IGNORE = -100
@@ -129,7 +146,12 @@ def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all
     cells = batch.get("cell_targets")
     n_cells = (jnp.float32(0.0) if cells is None else
                scored_cells(cells, batch["image_start"]).sum().astype(jnp.float32))
+    turns = batch.get("turn_cells")
+    n_attn = (jnp.float32(0.0) if turns is None else
+              (attention_queries(batch["labels"], turns, batch["image_start"]) >= 0)
+              .sum().astype(jnp.float32))
     return {
+        "attn": jnp.maximum(n_attn, one),
         "cells": jnp.maximum(n_cells, one),
         "tokens": jnp.maximum(w.sum().astype(jnp.float32), one),
         "img": jnp.maximum((batch["image_start"] >= 0).sum().astype(jnp.float32), one),
@@ -171,13 +193,18 @@ def token_nll(params, cfg: ModelConfig, x_BTH, tgt_BT, chunk: int = 0, constrain
 
 
 def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
-                  constrain=None, ce_chunk: int = 0, cell_per_token: bool = False):
+                  constrain=None, ce_chunk: int = 0, cell_per_token: bool = False,
+                  attention_grid: int = 0, attention_layer: int = 1, attention_head: int = 0,
+                  attention_target: str = "mass"):
     """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
 
     batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
     pixels [B,3,S,S] float32, optional sample_id [B] (index in the global batch; default
     arange(B)), optional ce_weight [B] (`ce_weights` of the global batch; default: token
-    mean over this batch). rng: the step's key; tau: Gumbel temperature (scalar).
+    mean over this batch), optional cell_targets [B,G*G,K] (cell objective), optional
+    turn_cells [B,R] (attention objective, over an ``attention_grid`` grid: head
+    ``attention_head`` of layer ``attention_layer``). rng: the step's key; tau: Gumbel
+    temperature (scalar).
     constrain: optional ``f(x) -> x`` applied to the batch-leading activations (hidden
     states, logits): the trainer passes a sharding constraint (batch over data x fsdp).
     """
@@ -201,12 +228,42 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
 
     zeros_B = jnp.zeros((b,), jnp.float32)
     out = {"img_sq": zeros_B, "img_kept": zeros_B, "has_img": zeros_B,
-           "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B}
+           "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B,
+           "attn_sum": zeros_B, "attn_mass": zeros_B}
     sparse = sc.enabled and (sc.use_vision_predictor or sc.use_output_text_predictor)
-    if sparse:
-        lower, upper = split_layers(params["llm"]["layers"], sc.sparse_layer)
+    layers = params["llm"]["layers"]
+    turns = batch.get("turn_cells")
+    if turns is not None:
+        stop = sc.sparse_layer if sparse else cfg.llm.num_layers
+        if not 0 <= attention_layer < stop:
+            raise ValueError(f"objective.attention_layer {attention_layer} must be a layer "
+                             f"before {'the sparse layer ' if sparse else ''}{stop}")
+        if attention_grid <= 0:
+            raise ValueError("the attention objective needs the grid of turn_cells "
+                             "(data.cell_grid > 0)")
+        # layers [0, a), the attention term on the states entering layer a, then layers
+        # [a, stop): the rest runs as without the term
+        first, rest = split_layers(layers, attention_layer)
+        x, _ = run_stack(first, cfg.llm, dt, x, positions, lengths, remat=remat)
+        x = cons(x)
+        cells_BT = attention_queries(labels, turns, image_start)
+        a_sum, a_mass = attention_nll(layer_at(layers, attention_layer), cfg, x, positions,
+                                      lengths, image_start, cells_BT, attention_grid,
+                                      attention_head, attention_target)
+        out.update(attn_sum=a_sum, attn_mass=a_mass)
+        if sparse:
+            mid, upper = split_layers(rest, sc.sparse_layer - attention_layer)
+            x, _ = run_stack(mid, cfg.llm, dt, x, positions, lengths, remat=remat)
+            x = cons(x)
+        else:
+            upper = rest
+    elif sparse:
+        lower, upper = split_layers(layers, sc.sparse_layer)
         x, _ = run_stack(lower, cfg.llm, dt, x, positions, lengths, remat=remat)
         x = cons(x)
+    else:
+        upper = layers
+    if sparse:
         policy = jnp.ones((b, t), jnp.float32)
         n_img = cfg.num_image_tokens
         has_img = image_start >= 0
@@ -239,7 +296,7 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
         x, _ = run_stack(upper, cfg.llm, dt, x, positions, lengths, policy=policy, remat=remat)
     else:
         policy = None
-        x, _ = run_stack(params["llm"]["layers"], cfg.llm, dt, x, positions, lengths, remat=remat)
+        x, _ = run_stack(upper, cfg.llm, dt, x, positions, lengths, remat=remat)
 
     tgt, w = scored_targets(labels)
     nll = token_nll(params, cfg, x, tgt, ce_chunk, constrain)
@@ -251,6 +308,83 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     out["ce_w"] = out["ce_sum"] * cw
     out["cell_sum"] = cell_sum
     return out, policy
+
+
+def layer_at(layer_params, i: int):
+    """The params of layer i of a stack (stacked on axis 0, or a per-layer list)."""
+    if isinstance(layer_params, (list, tuple)):
+        return layer_params[i]
+    return jax.tree_util.tree_map(lambda a: a[i], layer_params)
+
+
+def attention_queries(labels_BT, turn_cells_BR, image_start_B):
+    """[B, T]: at the position that predicts the first token of a sample's r-th answer (the
+    first of its r-th run of scored positions), ``turn_cells[:, r]``; -1 elsewhere, past
+    the R given, and in samples without an image."""
+    _, w = scored_targets(labels_BT)
+    before = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, :-1]], axis=1)
+    first = w & ~before
+    rank = jnp.cumsum(first, axis=1) - 1
+    r = turn_cells_BR.shape[1]
+    cell = jnp.take_along_axis(turn_cells_BR, jnp.clip(rank, 0, r - 1), axis=1)
+    ok = first & (rank < r) & (image_start_B >= 0)[:, None]
+    return jnp.where(ok, cell, -1)
+
+
+def image_token_cells(num_image_tokens: int, grid: int) -> np.ndarray:
+    """[N]: the cell (row by row, of a grid x grid partition) each image token lies in,
+    the layout of `cell_tokens`."""
+    side = math.isqrt(num_image_tokens)
+    if side * side != num_image_tokens or side % grid:
+        raise ValueError(f"a {grid} x {grid} grid does not tile the {num_image_tokens} image "
+                         "tokens evenly")
+    i = np.arange(num_image_tokens)
+    per = side // grid
+    return ((i // side) // per * grid + (i % side) // per).astype(np.int32)
+
+
+ATTENTION_TARGETS = ("mass", "uniform")
+
+
+def attention_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, image_start_B,
+                  cells_BT, grid: int, head: int = 0, target: str = "mass"):
+    """Per-sample sums [B] of the attention objective's NLL and of the attention mass (module
+    doc): the causal softmax of query head `head` of the decoder layer `layer_p`, from the
+    hidden states entering it, at the positions where ``cells_BT >= 0``, summed over the
+    image tokens of that cell (float32). target "mass": NLL = -log(mass); "uniform": the
+    cross-entropy to the uniform distribution over the cell's tokens, -mean_{cell} log p,
+    so that the head reads the whole cell rather than the few tokens of one feature."""
+    if target not in ATTENTION_TARGETS:
+        raise ValueError(f"objective.attention_target must be one of {ATTENTION_TARGETS}, "
+                         f"not {target!r}")
+    c = cfg.llm
+    d = c.head_dim
+    kvh = head // (c.num_heads // c.num_kv_heads)   # the kv head query head `head` reads
+    h = RMSNorm(c.rms_norm_eps, x_BTH.dtype).apply({"params": layer_p["input_norm"]}, x_BTH)
+    wq = layer_p["q_proj"]["kernel"][:, head * d:(head + 1) * d].astype(h.dtype)
+    wk = layer_p["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d].astype(h.dtype)
+    q = apply_rope((h @ wq)[:, :, None], positions_BT, c.rope_theta)[:, :, 0]
+    k = apply_rope((h @ wk)[:, :, None], positions_BT, c.rope_theta)[:, :, 0]
+    s = jnp.einsum("btd,bsd->bts", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(d)
+    t = x_BTH.shape[1]
+    i = jnp.arange(t)
+    visible = (i[None, :, None] >= i[None, None, :]) & (i[None, None, :] < lengths_B[:, None, None])
+    logp = jax.nn.log_softmax(jnp.where(visible, s, jnp.finfo(jnp.float32).min), axis=-1)
+    p = jnp.exp(logp)
+    n = cfg.num_image_tokens
+    rel = i[None, :] - image_start_B[:, None]
+    in_img = (rel >= 0) & (rel < n) & (image_start_B >= 0)[:, None]
+    key_cell = jnp.where(in_img, jnp.asarray(image_token_cells(n, grid))[jnp.clip(rel, 0, n - 1)],
+                         -2)                                                       # [B, S]
+    in_cell = key_cell[:, None, :] == cells_BT[:, :, None]                        # [B, T, S]
+    mass = jnp.where(in_cell, p, 0.0).sum(-1)                                      # [B, T]
+    marked = cells_BT >= 0
+    if target == "uniform":
+        per = -jnp.where(in_cell, logp, 0.0).sum(-1) / jnp.maximum(in_cell.sum(-1), 1)
+    else:
+        per = -jnp.log(jnp.maximum(mass, 1e-6))
+    nll = jnp.where(marked, per, 0.0).sum(1)
+    return nll, jnp.where(marked, mass, 0.0).sum(1)
 
 
 def cell_means(feats_BNH, grid: int):
@@ -296,8 +430,8 @@ def cell_nll(params, feats_BNH, targets_BCK, image_start_B, per_token: bool = Fa
     return jnp.where(scored_cells(targets_BCK, image_start_B), nll, 0.0).sum((1, 2))
 
 
-def combine(sums: dict, denom: dict, cfg: ModelConfig,
-            cell_weight: float = 0.0) -> tuple[jax.Array, dict]:
+def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
+            attention_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """Loss and metrics from per-sample sums (already summed over micro-batches or not)."""
     s = {k: jnp.sum(v) for k, v in sums.items()}
     ce = s["ce_w"]
@@ -316,16 +450,24 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig,
         l_cell = s["cell_sum"] / denom["cells"]
         loss = loss + cell_weight * l_cell
         metrics.update(loss=loss, cell_loss=l_cell)
+    if attention_weight:
+        l_attn = s["attn_sum"] / denom["attn"]
+        loss = loss + attention_weight * l_attn
+        metrics.update(loss=loss, attn_loss=l_attn, attn_mass=s["attn_mass"] / denom["attn"])
     return loss, metrics
 
 
 def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
             text_ratio_mean: str = "all", ce_group_size: int = 0, denom: Any = None,
-            ce_chunk: int = 0, cell_weight: float = 0.0, cell_per_token: bool = False):
+            ce_chunk: int = 0, cell_weight: float = 0.0, cell_per_token: bool = False,
+            attention_weight: float = 0.0, attention_grid: int = 0, attention_layer: int = 1,
+            attention_head: int = 0, attention_target: str = "mass"):
     """Whole-batch loss (no micro-batching): (loss, metrics)."""
     if denom is None:
         denom = loss_denominators(batch, cfg, text_ratio_mean)
     batch = dict(batch, ce_weight=ce_weights(batch["labels"], ce_group_size))
     sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat, ce_chunk=ce_chunk,
-                            cell_per_token=cell_per_token)
-    return combine(sums, denom, cfg, cell_weight)
+                            cell_per_token=cell_per_token, attention_grid=attention_grid,
+                            attention_layer=attention_layer, attention_head=attention_head,
+                            attention_target=attention_target)
+    return combine(sums, denom, cfg, cell_weight, attention_weight)

@@ -78,6 +78,11 @@ class StepConfig:
     ce_chunk: int = 0
     cell_loss_weight: float = 0.0
     cell_per_token: bool = False
+    attention_loss_weight: float = 0.0
+    attention_grid: int = 0
+    attention_layer: int = 1
+    attention_head: int = 0
+    attention_target: str = "mass"
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
@@ -103,8 +108,12 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
         def micro(tp, mb):
             sums, _ = O.forward_train(optim.merge_params(tp, state.frozen), cfg, mb, rng, tau,
                                       remat=sc.remat, constrain=constrain, ce_chunk=sc.ce_chunk,
-                                      cell_per_token=sc.cell_per_token)
-            loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight)
+                                      cell_per_token=sc.cell_per_token,
+                                      attention_grid=sc.attention_grid,
+                                      attention_layer=sc.attention_layer,
+                                      attention_head=sc.attention_head,
+                                      attention_target=sc.attention_target)
+            loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight)
             return loss, jax.tree_util.tree_map(jnp.sum, sums)
 
         grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -129,10 +138,10 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             g0 = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             s0 = {k: jnp.zeros((), jnp.float32) for k in
                   ("img_sq", "img_kept", "has_img", "txt_sq", "txt_kept", "txt_long",
-                   "ce_sum", "tokens", "ce_w", "cell_sum")}
+                   "ce_sum", "tokens", "ce_w", "cell_sum", "attn_sum", "attn_mass")}
             (grads, sums), _ = jax.lax.scan(body, (g0, s0), mbs)
             grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.params)
-        _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight)
+        _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(
@@ -383,6 +392,8 @@ def format_metrics(step: int, m: dict) -> str:
     return (f"step {step} loss {f('loss')} ce {f('ce')} img_ratio_loss {f('img_ratio_loss')} "
             f"txt_ratio_loss {f('txt_ratio_loss')} "
             + (f"cell_loss {f('cell_loss')} " if "cell_loss" in m else "")
+            + (f"attn_loss {f('attn_loss')} attn_mass {f('attn_mass', '{:.3f}')} "
+               if "attn_loss" in m else "")
             + f"img_kept {f('img_kept', '{:.3f}')} "
             f"txt_kept {f('txt_kept', '{:.3f}')} tau {f('tau', '{:.3f}')} "
             f"lr {f('lr', '{:.2e}')} pred_lr {f('predictor_lr', '{:.2e}')} "
@@ -463,7 +474,12 @@ class Trainer:
             ce_group_size=int(config.objective.ce_group_size),
             ce_chunk=int(config.objective.get("ce_chunk", 0)),
             cell_loss_weight=float(config.objective.get("cell_loss_weight", 0.0)),
-            cell_per_token=bool(config.objective.get("cell_per_token", False)))
+            cell_per_token=bool(config.objective.get("cell_per_token", False)),
+            attention_loss_weight=float(config.objective.get("attention_loss_weight", 0.0)),
+            attention_grid=int(config.data.get("cell_grid", 0)),
+            attention_layer=int(config.objective.get("attention_layer", 1)),
+            attention_head=int(config.objective.get("attention_head", 0)),
+            attention_target=str(config.objective.get("attention_target", "mass")))
         self._check_cells()
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
@@ -487,6 +503,30 @@ class Trainer:
         side = v.image_size // v.patch_size
         if g and side % g:
             raise ValueError(f"data.cell_grid {g} does not divide the {side} x {side} image tokens")
+        self.attention_turns = r = int(c.data.get("attention_turns", 0))
+        sc, l = self.step_config, self.cfg.llm
+        if sc.attention_loss_weight and not r:
+            raise ValueError("objective.attention_loss_weight needs data.attention_turns > 0 "
+                             "(records with turn_cells)")
+        if r and not g:
+            raise ValueError("data.attention_turns needs data.cell_grid > 0: turn_cells are "
+                             "cells of that grid")
+        if r and c.train.data != "pipeline":
+            raise ValueError("data.attention_turns needs train.data='pipeline'")
+        if r:
+            s = self.cfg.sparse
+            sparse = s.enabled and (s.use_vision_predictor or s.use_output_text_predictor)
+            stop = s.sparse_layer if sparse else l.num_layers
+            if not 0 <= sc.attention_layer < stop:
+                raise ValueError(f"objective.attention_layer {sc.attention_layer} must be a layer "
+                                 f"of the LLM before {'sparse.sparse_layer ' if sparse else ''}"
+                                 f"{stop}: the term is computed before sparsification")
+            if sc.attention_target not in O.ATTENTION_TARGETS:
+                raise ValueError(f"objective.attention_target must be one of "
+                                 f"{O.ATTENTION_TARGETS}, not {sc.attention_target!r}")
+            if not 0 <= sc.attention_head < l.num_heads:
+                raise ValueError(f"objective.attention_head {sc.attention_head} is not one of the "
+                                 f"{l.num_heads} heads")
 
     def _setup_model_config(self):
         from .checkpoint import load_config
@@ -714,7 +754,8 @@ class Trainer:
             + " (move the checkpoints away to start from step 0)")
 
     def _compile_step(self):
-        key = (self.cfg, self.step_config, self.cell_grid, _frozen_items(self.config.optim),
+        key = (self.cfg, self.step_config, self.cell_grid, self.attention_turns,
+               _frozen_items(self.config.optim),
                self.groups, self.mesh, self.total_steps)
         fn = _STEP_CACHE.get(key)
         if fn is None:
@@ -726,6 +767,8 @@ class Trainer:
                        "pixels": np.zeros((1, 1, 1, 1), np.float32)}
             if self.cell_grid:
                 example["cell_targets"] = np.zeros((1, 1, 1), np.int32)
+            if self.attention_turns:
+                example["turn_cells"] = np.zeros((1, 1), np.int32)
             fn = jit_train_step(step_fn, self.shardings, S.batch_shardings(example, self.mesh),
                                 self.mesh)
             _STEP_CACHE[key] = fn
@@ -734,7 +777,8 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------
     def _global_batch(self, host_batch: dict) -> dict:
         keys = ("tokens", "labels", "lengths", "image_start", "pixels") + (
-            ("cell_targets",) if self.cell_grid else ())
+            ("cell_targets",) if self.cell_grid else ()) + (
+            ("turn_cells",) if self.attention_turns else ())
         return S.host_local_to_global({k: host_batch[k] for k in keys}, self.mesh,
                                       self.global_batch)
 

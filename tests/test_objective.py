@@ -342,3 +342,114 @@ def test_chunked_cross_entropy_equals_whole(tiny, batch, run):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="must divide"):
         O.forward_train(params, cfg, batch, jax.random.PRNGKey(0), jnp.float32(0.5), ce_chunk=48)
+
+
+def _attention_queries_loops(labels, turn_cells, image_start):
+    """Reference: the first scored position of each answer run gets that turn's cell."""
+    out = np.full(labels.shape, -1)
+    for b in range(labels.shape[0]):
+        r = 0
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] != -100 and (t == 0 or labels[b, t] == -100):
+                if r < turn_cells.shape[1] and image_start[b] >= 0:
+                    out[b, t] = turn_cells[b, r]
+                r += 1
+    return out
+
+
+def test_attention_queries_mark_each_answers_first_prediction():
+    lab = np.full((3, 12), -100, np.int32)
+    lab[0, [3, 4, 7, 8, 9, 11]] = 5          # three answers: runs at 3, 7, 11
+    lab[1, [2, 3]] = 5                        # one answer
+    lab[2, [1, 5]] = 5                        # two answers, no image
+    cells = np.array([[4, -1], [2, 7], [1, 1]], np.int32)
+    start = np.array([0, 1, -1], np.int32)
+    got = np.asarray(O.attention_queries(jnp.asarray(lab), jnp.asarray(cells), jnp.asarray(start)))
+    want = np.full((3, 12), -1)
+    want[0, 2] = 4                            # answer 2 names no cell, answer 3 is past R = 2
+    want[1, 1] = 2
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, _attention_queries_loops(lab, cells, start))
+    np.testing.assert_array_equal(O.image_token_cells(16, 2),
+                                  [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3])
+
+
+def _rope(x, pos, theta):
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    ang = pos[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    return x * cos + np.concatenate([-x[:, d // 2:], x[:, :d // 2]], -1) * sin
+
+
+def test_attention_objective_matches_naive_formula(tiny, batch):
+    """objective.attention_loss_weight: -log of the attention mass that one head of one
+    layer (before the sparse layer) puts on the named cell's image tokens, at each answer's
+    first prediction; the rest of the forward is unchanged and micro-batches add up."""
+    cfg, params = tiny
+    side = math.isqrt(cfg.num_image_tokens)
+    g, layer, head, w = 2, 1, 3, 0.7
+    turns = np.random.default_rng(1).integers(-1, g * g, (6, 3)).astype(np.int32)
+    turns[:, 0] = np.arange(6) % (g * g)    # every sample with an image marks its first answer
+    bt = dict(batch, turn_cells=turns)
+    rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
+    kw = dict(attention_grid=g, attention_layer=layer, attention_head=head)
+    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, **kw)[0])
+    sums, sums0 = fwd(bt), fwd(batch)
+    for k in ("ce_sum", "img_sq", "txt_sq", "img_kept", "txt_kept"):
+        np.testing.assert_allclose(sums[k], sums0[k], rtol=1e-5, atol=1e-7)
+
+    # naive: the hidden states entering `layer`, then one head's softmax in float64
+    c = cfg.llm
+    lp = jax.tree_util.tree_map(lambda a: np.asarray(a[layer], np.float64),
+                                params["llm"]["layers"])
+    first = jax.tree_util.tree_map(lambda a: a[:layer], params["llm"]["layers"])
+    feats = M.image_features(params, cfg, jnp.asarray(batch["pixels"]))
+    x = M.embed_inputs(params, cfg, jnp.asarray(batch["tokens"]), feats,
+                       jnp.asarray(batch["image_start"]))
+    t = x.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(t)[None], x.shape[:2])
+    x, _ = O.run_stack(first, c, jnp.float32, x, pos, jnp.asarray(batch["lengths"]))
+    x = np.asarray(x, np.float64)
+    marks = _attention_queries_loops(batch["labels"], turns, batch["image_start"])
+    d, kvh = c.head_dim, head // (c.num_heads // c.num_kv_heads)
+    tot, tot_u, n = 0.0, 0.0, 0
+    for b in range(6):
+        h = x[b] / np.sqrt((x[b] ** 2).mean(-1, keepdims=True) + c.rms_norm_eps)
+        h = h * lp["input_norm"]["scale"]
+        q = _rope(h @ lp["q_proj"]["kernel"][:, head * d:(head + 1) * d], np.arange(t), c.rope_theta)
+        k = _rope(h @ lp["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d], np.arange(t), c.rope_theta)
+        for qi in np.flatnonzero(marks[b] >= 0):
+            s = q[qi] @ k[:min(qi + 1, batch["lengths"][b])].T / np.sqrt(d)
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            mass, logs = 0.0, []
+            for j in range(len(p)):
+                rel = j - batch["image_start"][b]
+                if 0 <= rel < cfg.num_image_tokens:
+                    r, col = divmod(rel, side)
+                    if (r // (side // g)) * g + col // (side // g) == marks[b, qi]:
+                        mass, logs = mass + p[j], logs + [np.log(p[j])]
+            tot, tot_u, n = tot - np.log(max(mass, 1e-6)), tot_u - np.mean(logs), n + 1
+    assert n >= (batch["image_start"] >= 0).sum() >= 3   # each image sample: its first answer
+    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, attention_weight=w, **kw))(bt)
+    loss0, _ = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau))(batch)
+    np.testing.assert_allclose(float(m["attn_loss"]), tot / n, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(loss0) + w * tot / n, rtol=1e-5)
+    assert 0 < float(m["attn_mass"]) < 1
+    _, mu = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, attention_weight=w,
+                                        attention_target="uniform", **kw))(bt)
+    np.testing.assert_allclose(float(mu["attn_loss"]), tot_u / n, rtol=1e-5)
+    assert float(mu["attn_mass"]) == pytest.approx(float(m["attn_mass"]), rel=1e-6)
+
+    denom = O.loss_denominators(bt, cfg)
+    assert float(denom["attn"]) == n
+    cw = np.asarray(O.ce_weights(jnp.asarray(batch["labels"])))
+    ids = np.arange(6, dtype=np.int32)
+    part = jax.jit(lambda b: O.combine(O.forward_train(params, cfg, b, rng, tau, **kw)[0], denom,
+                                       cfg, 0.0, w)[0])
+    total = sum(float(part({**{k: val[h] for k, val in bt.items()}, "sample_id": ids[h],
+                            "ce_weight": cw[h]})) for h in (np.array([0, 2, 4]), np.array([1, 3, 5])))
+    np.testing.assert_allclose(total, float(loss), rtol=1e-5)
+    with pytest.raises(ValueError, match="before the sparse layer"):
+        O.forward_train(params, cfg, bt, rng, tau, attention_grid=g, attention_layer=2)

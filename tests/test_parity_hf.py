@@ -433,3 +433,38 @@ def test_greedy_generation_matches_pytorch():
         res = generate(params, cfg, base, px, GenOptions(max_new_tokens=n_new, mode="dense",
                                                           use_cache=use_cache))
         assert res.new_token_ids == want_cut, use_cache
+
+
+def test_attention_objective_reads_pytorch_attention_probabilities():
+    """The attention objective's mass (objective.attention_nll) is the attention probability
+    transformers' eager LLaMA attention gives (GQA: query head 3 reads kv head 1), summed
+    over the named cell's image tokens, from the hidden states entering that layer."""
+    from dynllava_jax import objective as O
+    model = hf_model()[0]
+    cfg, params = converted("hf")
+    ids = torch.tensor([hf_ids(PROMPTS[0])])
+    start = PROMPTS[0].index(IMAGE_MARKER)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=torch.from_numpy(pixels()[:1]),
+                        output_attentions=True, output_hidden_states=True)
+    finally:
+        model.set_attn_implementation(before)
+    t = ids.shape[1]
+    queries = {t - 3: 0, t - 2: 3, t - 1: 1}   # position -> named cell of a 2 x 2 grid
+    cells = np.full((1, t), -1, np.int32)
+    for q, c in queries.items():
+        cells[0, q] = c
+    member = O.image_token_cells(N_IMG, 2)
+    layer = 1
+    for head in (0, 3):
+        nll, mass = O.attention_nll(
+            O.layer_at(params["llm"]["layers"], layer), cfg,
+            jnp.asarray(out.hidden_states[layer].numpy()), jnp.arange(t)[None],
+            jnp.array([t]), jnp.array([start]), jnp.asarray(cells), 2, head)
+        probs = out.attentions[layer][0, head].numpy()             # [query, key]
+        want = [probs[q, start:start + N_IMG][member == c].sum() for q, c in queries.items()]
+        np.testing.assert_allclose(float(mass[0]), sum(want), rtol=1e-5)
+        np.testing.assert_allclose(float(nll[0]), -np.log(want).sum(), rtol=1e-5)

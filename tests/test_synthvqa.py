@@ -277,7 +277,8 @@ def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
             "train.global_batch_size": 2, "checkpoint.every": 100, "data.json_path":
             str(out / "train.json"), "data.image_folder": str(out), "data.seq_len": 512,
             "data.model_max_length": 512, "sparse.use_vision_predictor": False,
-            "sparse.use_output_text_predictor": False, "objective.cell_loss_weight": 0.5}
+            "sparse.use_output_text_predictor": False, "objective.cell_loss_weight": 0.5,
+            "objective.attention_loss_weight": 0.0, "data.attention_turns": 0}
     c = configs.apply_overrides(configs.load(repo / "configs" / "synthvqa_dense.py"),
                                 [f"{k}={v}" for k, v in over.items()])
     tr = T.Trainer(c, tmp_path / "run", progress=False)
@@ -289,3 +290,85 @@ def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
     with pytest.raises(ValueError, match="cell_grid"):
         T.Trainer(configs.apply_overrides(c, ["data.cell_grid=0"]), tmp_path / "bad",
                   progress=False)
+
+
+def _named_cell(question: str, answer: str, scene) -> int:
+    """The grid cell of the one object a question names (-1: none, or two)."""
+    q = question.split("\n")[0]
+    for o in scene.objects:
+        cell = o.row * S.GRID + o.col
+        if q in (f"What colour is the {o.shape}?", f"Which colour is the {o.shape}?",
+                 f"What shape is the {o.colour} object?", f"Which shape is {o.colour}?"):
+            return cell
+        if q.endswith(f" {o.name} in the image?") and answer == "yes":
+            return cell
+    return -1
+
+
+def test_turn_cells_name_the_asked_objects(data):
+    """Each record's `turn_cells` gives, per answer, the grid cell of the object its question
+    names (colour, shape, choice of either, presence "yes"), -1 for the others; with
+    `data.attention_turns` the pipeline pads them to a fixed length, and a bad list is a
+    skipped record."""
+    from dynllava_jax.data.llava_json import BAD_TURN_CELLS, Invalid, encode_record, to_raw_record
+    from dynllava_jax.image_processing import ImageProcessor
+    from dynllava_jax.tokenizer import LlavaTokenizer
+    out, _ = data
+    named = 0
+    for name in ("train.json", "train_lookup.json"):
+        for rec in json.loads((out / name).read_text()):
+            i = int(rec["id"].split("-")[1])
+            scene = S.make_scene(S.scene_rng(3, "train", i))
+            conv = rec["conversations"]
+            want = [_named_cell(q["value"].replace("<image>\n", ""), a["value"], scene)
+                    for q, a in zip(conv[::2], conv[1::2])]
+            assert rec["turn_cells"] == want
+            named += sum(c >= 0 for c in want)
+    assert named > 2 * N_TRAIN
+    tok = LlavaTokenizer.from_dir(out / "tokenizer")
+    kw = dict(tokenizer=tok, image_processor=ImageProcessor.from_dir(out / "tokenizer"),
+              image_folder=str(out), num_image_tokens=144, seq_len=512, model_max_length=512)
+    rec = [r for r in json.loads((out / "train.json").read_text()) if len(r["turn_cells"]) > 2][0]
+    ex = encode_record(to_raw_record(rec, 0), cell_grid=3, attention_turns=2, **kw)
+    assert list(ex["turn_cells"]) == rec["turn_cells"][:2]
+    ex = encode_record(to_raw_record(rec, 0), cell_grid=3, attention_turns=16, **kw)
+    n = len(rec["turn_cells"])
+    assert list(ex["turn_cells"][:n]) == rec["turn_cells"] and (ex["turn_cells"][n:] == -1).all()
+    assert "turn_cells" not in encode_record(to_raw_record(rec, 0), cell_grid=3, **kw)
+    for bad in ([9], [0.5], "0", [True]):
+        got = encode_record(to_raw_record(dict(rec, turn_cells=bad), 0), cell_grid=3,
+                            attention_turns=4, **kw)
+        assert isinstance(got, Invalid) and got.reason == BAD_TURN_CELLS, bad
+    got = encode_record(to_raw_record(rec, 0), attention_turns=4, **kw)   # no grid
+    assert isinstance(got, Invalid) and got.reason == BAD_TURN_CELLS
+
+
+def test_train_with_the_attention_objective(tmp_path, data, small_ckpt):
+    """train.py's attention objective on SynthVQA records: batches carry turn_cells, the
+    loss adds weight x attention loss, the mass is logged, and configs that cannot feed it
+    (no turn_cells, a layer past the LLM) are refused."""
+    import configs
+    from dynllava_jax import trainer as T
+    out, _ = data
+    repo = Path(__file__).resolve().parents[1]
+    over = {"init_from": str(small_ckpt), "assets_dir": "", "train.total_steps": 2,
+            "train.global_batch_size": 2, "checkpoint.every": 100, "data.json_path":
+            str(out / "train.json"), "data.image_folder": str(out), "data.seq_len": 512,
+            "data.model_max_length": 512, "sparse.use_vision_predictor": False,
+            "sparse.use_output_text_predictor": False, "objective.cell_loss_weight": 0.0,
+            "data.attention_turns": 8, "objective.attention_loss_weight": 0.5}
+
+    def config(*more):
+        return configs.apply_overrides(configs.load(repo / "configs" / "synthvqa_dense.py"),
+                                       [f"{k}={v}" for k, v in over.items()] + list(more))
+    tr = T.Trainer(config(), tmp_path / "run", progress=False)
+    tr.run()
+    tr.close()
+    for row in T.read_metrics(tmp_path / "run"):
+        assert 0 < row["attn_loss"] < 14 and 0 < row["attn_mass"] < 1
+        assert row["loss"] == pytest.approx(row["ce"] + 0.5 * row["attn_loss"], rel=1e-5)
+    for bad, match in (("data.attention_turns=0", "attention_turns"),
+                       ("objective.attention_layer=3", "attention_layer"),
+                       ("data.cell_grid=0", "cell_grid")):
+        with pytest.raises(ValueError, match=match):
+            T.Trainer(config(bad), tmp_path / "bad", progress=False)

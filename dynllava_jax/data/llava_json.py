@@ -24,6 +24,9 @@ turns a ``RawRecord`` into one example of fixed shapes, or into an
                     ids of the record's ``cell_text`` (one string per cell of a G x G
                     grid over the image, row by row), -1 padded; all -1 when the
                     record has no ``cell_text`` (see ``objective.cell_nll``)
+``turn_cells``      int32 [R], only with ``attention_turns`` R > 0: the record's
+                    ``turn_cells`` (per answer, in order, the grid cell its question
+                    names, -1 for none), -1 padded (see ``objective.attention_nll``)
 ==================  ======================================================
 
 Truncation follows LLaVA: the ids (one marker standing for the image) are cut to
@@ -60,8 +63,10 @@ IMAGE_TRUNCATED = "image_truncated"        # the image slots cut by truncation
 NO_TARGET = "no_target"                    # no labelled token left (truncation/mismatch)
 TEXT_ONLY = "text_only"                    # excluded by requires_image (not a bad record)
 BAD_CELL_TEXT = "bad_cell_text"            # cell_text not one string per grid cell
+BAD_TURN_CELLS = "bad_turn_cells"          # turn_cells not one grid cell (or -1) per answer
 SKIP_REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, EMPTY_CONVERSATION, NO_GPT_TURN, BAD_CONVERSATION,
-                IMAGE_MARKER_COUNT, IMAGE_TRUNCATED, NO_TARGET, TEXT_ONLY, BAD_CELL_TEXT)
+                IMAGE_MARKER_COUNT, IMAGE_TRUNCATED, NO_TARGET, TEXT_ONLY, BAD_CELL_TEXT,
+                BAD_TURN_CELLS)
 
 EXAMPLE_KEYS = ("tokens", "labels", "lengths", "image_start", "pixels")
 
@@ -81,6 +86,7 @@ class RawRecord:
     image_bytes: bytes | None = None
     image_missing: bool = False
     cell_text: Any = None
+    turn_cells: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +147,7 @@ def to_raw_record(record: Any, index: int) -> RawRecord:
     image = record.get("image")
     return RawRecord(id=str(record.get("id", index)), conversations=record.get("conversations"),
                      image=None if image in (None, "") else str(image),
-                     cell_text=record.get("cell_text"))
+                     cell_text=record.get("cell_text"), turn_cells=record.get("turn_cells"))
 
 
 def _check_conversation(conversations: Any) -> str | None:
@@ -195,6 +201,7 @@ def encode_record(
     requires_image: bool = False,
     cell_grid: int = 0,
     cell_tokens: int = 3,
+    attention_turns: int = 0,
 ) -> dict[str, np.ndarray] | Invalid:
     """One training example of fixed shapes (see the module docstring), or ``Invalid``.
 
@@ -202,6 +209,8 @@ def encode_record(
     official Dynamic-LLaVA run. The cheap checks run first, so a bad conversation never
     costs an image decode. ``cell_grid`` > 0 adds ``cell_targets`` (``cell_tokens`` ids a
     cell); a ``cell_text`` that is not ``cell_grid**2`` strings is a bad record.
+    ``attention_turns`` R > 0 adds ``turn_cells`` (needs ``cell_grid``: the cells index its
+    grid); one that is not a list of cells or -1 is a bad record.
     """
     if requires_image and raw.image is None:
         return Invalid(raw.id, TEXT_ONLY)
@@ -247,6 +256,10 @@ def encode_record(
         cells = _cell_targets(tokenizer, raw.cell_text, cell_grid, cell_tokens)
         if isinstance(cells, str):
             return Invalid(raw.id, BAD_CELL_TEXT, cells)
+    if attention_turns > 0:
+        turns = _turn_cells(raw.turn_cells, cell_grid, attention_turns)
+        if isinstance(turns, str):
+            return Invalid(raw.id, BAD_TURN_CELLS, turns)
 
     n = len(ids)
     tokens = np.full((seq_len,), tokenizer.pad_id, np.int32)
@@ -262,6 +275,25 @@ def encode_record(
     }
     if cell_grid > 0:
         out["cell_targets"] = cells
+    if attention_turns > 0:
+        out["turn_cells"] = turns
+    return out
+
+
+def _turn_cells(turn_cells, grid: int, r: int) -> np.ndarray | str:
+    """[r] grid cells named by the first r answers' questions (-1: none, or padding), or
+    why the record's ``turn_cells`` is unusable."""
+    out = np.full((r,), -1, np.int32)
+    if turn_cells is None:
+        return out
+    if grid <= 0:
+        return "turn_cells index the cells of data.cell_grid, which is 0"
+    if (not isinstance(turn_cells, (list, tuple))
+            or not all(isinstance(c, int) and not isinstance(c, bool) and -1 <= c < grid * grid
+                       for c in turn_cells)):
+        return f"turn_cells must be grid cells 0..{grid * grid - 1} or -1, one per answer"
+    cells = list(turn_cells)[:r]
+    out[:len(cells)] = cells
     return out
 
 

@@ -24,6 +24,8 @@ key                 dtype       shape        content
 ``pixels``          float32     [b, 3, S, S] preprocessed image; zeros if text-only
 ``cell_targets``    int32       [b, G*G, K]  only with ``data_cfg.cell_grid`` G > 0: the
                                              ids of each cell's ``cell_text`` (-1 padded)
+``turn_cells``      int32       [b, R]       only with ``data_cfg.attention_turns`` R > 0:
+                                             the cell each answer's question names (-1)
 ==================  ==========  ===========  ========================================
 
 ``T = data_cfg.seq_len``, ``S = image_processor.image_size``. Every batch has exactly
@@ -132,6 +134,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.max_skip_fraction = 0.5        # DataError above this fraction of bad records
     cfg.cell_grid = 0                  # G > 0: batches carry `cell_targets` from the records'
     cfg.cell_tokens = 3                # `cell_text` (G x G cells, this many ids each; JSON only)
+    cfg.attention_turns = 0            # R > 0: batches carry `turn_cells` [b, R] from the records'
+                                       # `turn_cells` (the attention objective; JSON only)
     return cfg
 
 
@@ -142,9 +146,10 @@ def make_source(data_cfg) -> Any:
             raise ValueError("data.json_path is not set")
         return llava_json.JsonRecords(data_cfg.json_path)
     if data_cfg.source == "tfds":
-        if data_cfg.get("cell_grid", 0):
-            raise ValueError("data.cell_grid reads the records' cell_text, which the tfds copy "
-                             "does not hold: use data.source='json'")
+        if data_cfg.get("cell_grid", 0) or data_cfg.get("attention_turns", 0):
+            raise ValueError("data.cell_grid and data.attention_turns read the records' cell_text "
+                             "and turn_cells, which the tfds copy does not hold: use "
+                             "data.source='json'")
         if not data_cfg.tfds_data_dir:
             raise ValueError("data.tfds_data_dir is not set")
         from dynllava_jax.data.tfds_builder import TfdsRecords  # tfds only when used
@@ -190,7 +195,8 @@ def make_record_dataset(data_cfg, tokenizer, image_processor, num_image_tokens: 
         image_folder=data_cfg.image_folder or None, num_image_tokens=num_image_tokens,
         seq_len=data_cfg.seq_len, model_max_length=data_cfg.model_max_length,
         requires_image=data_cfg.get("requires_image", False),
-        cell_grid=int(data_cfg.get("cell_grid", 0)), cell_tokens=int(data_cfg.get("cell_tokens", 3)))
+        cell_grid=int(data_cfg.get("cell_grid", 0)), cell_tokens=int(data_cfg.get("cell_tokens", 3)),
+        attention_turns=int(data_cfg.get("attention_turns", 0)))
     return ds.map(encode)
 
 
@@ -235,8 +241,8 @@ def make_iterator(data_cfg, tokenizer, image_processor, num_image_tokens: int, *
 
 
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack single examples into a batch (the keys of ``EXAMPLE_KEYS``, and ``cell_targets``
-    when the examples have them)."""
+    """Stack single examples into a batch (the keys of ``EXAMPLE_KEYS``, and ``cell_targets``,
+    ``turn_cells`` when the examples have them)."""
     return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
 
 

@@ -25,7 +25,8 @@ describe    Describe the image in detail.                             60-200 tok
 
     out/images/{train,eval}-NNNNN.png
     out/train.json                  LLaVA instruction format, one multi-turn record per
-                                    training image (the pipeline and tfds_builder read it)
+                                    training image (the pipeline and tfds_builder read it),
+                                    with `cell_text` and `turn_cells` (optional objectives)
     out/train_lookup.json           the same images: questions that name objects (see
                                     `lookup_record`) + train.json's description records
     out/eval/questions.jsonl        LLaVA's eval format: {question_id, image, text, category}
@@ -175,6 +176,8 @@ class QA:
     answer: str
     category: str = ""          # presence: random | adversarial
     choices: tuple = ()          # choice: the options, in order
+    cell: int = -1               # the grid cell of the one object the question names
+                                 # (colour, shape, presence "yes", choice of colour/shape)
 
 
 def _article(word: str) -> str:
@@ -208,10 +211,11 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
     objs = scene.objects
     pick = objs[int(rng.integers(len(objs)))]  # drawn either way: the same draws follow
     pick = obj if obj is not None else pick
+    cell = pick.row * GRID + pick.col
     if qtype == "colour":
-        return QA(qtype, f"What colour is the {pick.shape}?", pick.colour)
+        return QA(qtype, f"What colour is the {pick.shape}?", pick.colour, cell=cell)
     if qtype == "shape":
-        return QA(qtype, f"What shape is the {pick.colour} object?", pick.shape)
+        return QA(qtype, f"What shape is the {pick.colour} object?", pick.shape, cell=cell)
     if qtype == "count":
         return QA(qtype, "How many shapes are there in the image?", str(len(objs)))
     if qtype == "position":
@@ -224,7 +228,7 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
         neg = bool(rng.integers(2)) if negative is None else negative
         if not neg:
             return QA(qtype, f"Is there {_article(pick.colour)} {pick.name} in the image?", "yes",
-                      "random" if rng.integers(2) else "adversarial")
+                      "random" if rng.integers(2) else "adversarial", cell=cell)
         present = {(o.colour, o.shape) for o in objs}
         adversarial = bool(rng.integers(2))
         if adversarial:  # a shape that is there, in a colour it does not have
@@ -241,9 +245,11 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
     if qtype == "choice":
         kind = int(rng.integers(3))
         if kind == 0:
-            return _choice(rng, f"Which colour is the {pick.shape}?", pick.colour, list(COLOURS))
+            return dataclasses.replace(_choice(rng, f"Which colour is the {pick.shape}?",
+                                               pick.colour, list(COLOURS)), cell=cell)
         if kind == 1:
-            return _choice(rng, f"Which shape is {pick.colour}?", pick.shape, list(SHAPES))
+            return dataclasses.replace(_choice(rng, f"Which shape is {pick.colour}?", pick.shape,
+                                               list(SHAPES)), cell=cell)
         return _choice(rng, "How many shapes are in the image?", str(len(objs)),
                        [str(k) for k in range(1, 6)])
     if qtype == "ocr":
@@ -338,11 +344,16 @@ def lookup_record(scene: Scene, rng: np.random.Generator, rid: str, image: str,
 
 
 def _record(qas: list[QA], rid: str, image: str, scene: Scene) -> dict:
+    """A LLaVA record, plus `cell_text` and `turn_cells`: per answer, the grid cell (row *
+    GRID + col) of the one object its question names, -1 where it names none or two (count,
+    position, ocr, describe, presence "no"): the labels of the optional attention objective
+    (``objective.attention_loss_weight``, data.attention_turns)."""
     conv = []
     for k, qa in enumerate(qas):
         q = f"<image>\n{qa.question}" if k == 0 else qa.question
         conv += [{"from": "human", "value": q}, {"from": "gpt", "value": qa.answer}]
-    return {"id": rid, "image": image, "conversations": conv, "cell_text": cell_text(scene)}
+    return {"id": rid, "image": image, "conversations": conv, "cell_text": cell_text(scene),
+            "turn_cells": [qa.cell for qa in qas]}
 
 
 def cell_text(scene: Scene) -> list[str]:
