@@ -41,4 +41,9 @@ def get_config():
     # (the records' cell_text) to the tower, which the answers alone reach too weakly.
     c.data.cell_grid = 3
     c.objective.cell_loss_weight = 1.0
+    # The attention objective: where the LLM predicts an answer whose question names one
+    # object, head 0 of layer 1 is taught to attend to that object's cell (the records'
+    # turn_cells), so that it learns to find "the red object" among the 144 image tokens.
+    c.data.attention_turns = 8   # records hold up to 7 answers
+    c.objective.attention_loss_weight = 1.0
     return c
