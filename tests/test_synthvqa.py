@@ -266,21 +266,28 @@ def test_cell_labels_reach_the_batch(data):
     assert isinstance(bad, Invalid) and bad.reason == BAD_CELL_TEXT
 
 
-def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
-    """train.py's cell objective on SynthVQA records: the batches carry the cells' labels,
-    the loss is CE + weight x cell loss, and a config that cannot feed it is refused."""
+def _small_run_config(data, small_ckpt, *more, **over):
+    """configs/synthvqa_dense.py for 2 steps of the small model on the test's SynthVQA
+    records, dense, with `over` (dotted keys) and `more` ("key=value") applied."""
     import configs
-    from dynllava_jax import trainer as T
     out, _ = data
-    repo = Path(__file__).resolve().parents[1]
-    over = {"init_from": str(small_ckpt), "assets_dir": "", "train.total_steps": 2,
+    base = {"init_from": str(small_ckpt), "assets_dir": "", "train.total_steps": 2,
             "train.global_batch_size": 2, "checkpoint.every": 100, "data.json_path":
             str(out / "train.json"), "data.image_folder": str(out), "data.seq_len": 512,
             "data.model_max_length": 512, "sparse.use_vision_predictor": False,
-            "sparse.use_output_text_predictor": False, "objective.cell_loss_weight": 0.5,
-            "objective.attention_loss_weight": 0.0, "data.attention_turns": 0}
-    c = configs.apply_overrides(configs.load(repo / "configs" / "synthvqa_dense.py"),
-                                [f"{k}={v}" for k, v in over.items()])
+            "sparse.use_output_text_predictor": False, **over}
+    repo = Path(__file__).resolve().parents[1]
+    return configs.apply_overrides(configs.load(repo / "configs" / "synthvqa_dense.py"),
+                                   [f"{k}={v}" for k, v in base.items()] + list(more))
+
+
+def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
+    """train.py's cell objective on SynthVQA records: the batches carry the cells' labels,
+    the loss is CE + weight x cell loss, and a config that cannot feed it is refused."""
+    from dynllava_jax import trainer as T
+    c = _small_run_config(data, small_ckpt, **{
+        "objective.cell_loss_weight": 0.5, "objective.attention_loss_weight": 0.0,
+        "data.attention_turns": 0})
     tr = T.Trainer(c, tmp_path / "run", progress=False)
     tr.run()
     tr.close()
@@ -288,8 +295,9 @@ def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
         assert 0 < row["cell_loss"] < 10
         assert row["loss"] == pytest.approx(row["ce"] + 0.5 * row["cell_loss"], rel=1e-5)
     with pytest.raises(ValueError, match="cell_grid"):
-        T.Trainer(configs.apply_overrides(c, ["data.cell_grid=0"]), tmp_path / "bad",
-                  progress=False)
+        T.Trainer(_small_run_config(data, small_ckpt, "objective.cell_loss_weight=0.5",
+                                    "data.attention_turns=0", "data.cell_grid=0"),
+                  tmp_path / "bad", progress=False)
 
 
 def _named_cell(question: str, answer: str, scene) -> int:
@@ -347,20 +355,12 @@ def test_train_with_the_attention_objective(tmp_path, data, small_ckpt):
     """train.py's attention objective on SynthVQA records: batches carry turn_cells, the
     loss adds weight x attention loss, the mass is logged, and configs that cannot feed it
     (no turn_cells, a layer past the LLM) are refused."""
-    import configs
     from dynllava_jax import trainer as T
-    out, _ = data
-    repo = Path(__file__).resolve().parents[1]
-    over = {"init_from": str(small_ckpt), "assets_dir": "", "train.total_steps": 2,
-            "train.global_batch_size": 2, "checkpoint.every": 100, "data.json_path":
-            str(out / "train.json"), "data.image_folder": str(out), "data.seq_len": 512,
-            "data.model_max_length": 512, "sparse.use_vision_predictor": False,
-            "sparse.use_output_text_predictor": False, "objective.cell_loss_weight": 0.0,
-            "data.attention_turns": 8, "objective.attention_loss_weight": 0.5}
+    over = {"objective.cell_loss_weight": 0.0, "data.attention_turns": 8,
+            "objective.attention_loss_weight": 0.5}
 
     def config(*more):
-        return configs.apply_overrides(configs.load(repo / "configs" / "synthvqa_dense.py"),
-                                       [f"{k}={v}" for k, v in over.items()] + list(more))
+        return _small_run_config(data, small_ckpt, *more, **over)
     tr = T.Trainer(config(), tmp_path / "run", progress=False)
     tr.run()
     tr.close()
