@@ -230,14 +230,11 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     out = {"img_sq": zeros_B, "img_kept": zeros_B, "has_img": zeros_B,
            "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B,
            "attn_sum": zeros_B, "attn_mass": zeros_B}
-    sparse = sc.enabled and (sc.use_vision_predictor or sc.use_output_text_predictor)
+    sparse = sparsifies(cfg)
     layers = params["llm"]["layers"]
     turns = batch.get("turn_cells")
     if turns is not None:
-        stop = sc.sparse_layer if sparse else cfg.llm.num_layers
-        if not 0 <= attention_layer < stop:
-            raise ValueError(f"objective.attention_layer {attention_layer} must be a layer "
-                             f"before {'the sparse layer ' if sparse else ''}{stop}")
+        check_attention_options(cfg, attention_layer, attention_head, attention_target)
         if attention_grid <= 0:
             raise ValueError("the attention objective needs the grid of turn_cells "
                              "(data.cell_grid > 0)")
@@ -310,6 +307,32 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     return out, policy
 
 
+ATTENTION_TARGETS = ("mass", "uniform")
+
+
+def sparsifies(cfg: ModelConfig) -> bool:
+    """Whether training drops anything: a predictor is on (else every layer runs dense)."""
+    sc = cfg.sparse
+    return sc.enabled and (sc.use_vision_predictor or sc.use_output_text_predictor)
+
+
+def check_attention_options(cfg: ModelConfig, layer: int, head: int, target: str) -> None:
+    """Raise ValueError unless the attention objective can read head `head` of layer
+    `layer` with `target`: a layer below the sparse layer (when training sparsifies), so
+    that the term is computed before anything is dropped."""
+    stop = cfg.sparse.sparse_layer if sparsifies(cfg) else cfg.llm.num_layers
+    if not 0 <= layer < stop:
+        raise ValueError(f"objective.attention_layer {layer} must be a layer of the LLM before "
+                         f"{'the sparse layer ' if sparsifies(cfg) else ''}{stop}: the term is "
+                         "computed before sparsification")
+    if not 0 <= head < cfg.llm.num_heads:
+        raise ValueError(f"objective.attention_head {head} is not one of the "
+                         f"{cfg.llm.num_heads} heads")
+    if target not in ATTENTION_TARGETS:
+        raise ValueError(f"objective.attention_target must be one of {ATTENTION_TARGETS}, "
+                         f"not {target!r}")
+
+
 def layer_at(layer_params, i: int):
     """The params of layer i of a stack (stacked on axis 0, or a per-layer list)."""
     if isinstance(layer_params, (list, tuple)):
@@ -341,9 +364,6 @@ def image_token_cells(num_image_tokens: int, grid: int) -> np.ndarray:
     i = np.arange(num_image_tokens)
     per = side // grid
     return ((i // side) // per * grid + (i % side) // per).astype(np.int32)
-
-
-ATTENTION_TARGETS = ("mass", "uniform")
 
 
 def attention_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, image_start_B,

@@ -504,7 +504,7 @@ class Trainer:
         if g and side % g:
             raise ValueError(f"data.cell_grid {g} does not divide the {side} x {side} image tokens")
         self.attention_turns = r = int(c.data.get("attention_turns", 0))
-        sc, l = self.step_config, self.cfg.llm
+        sc = self.step_config
         if sc.attention_loss_weight and not r:
             raise ValueError("objective.attention_loss_weight needs data.attention_turns > 0 "
                              "(records with turn_cells)")
@@ -514,19 +514,8 @@ class Trainer:
         if r and c.train.data != "pipeline":
             raise ValueError("data.attention_turns needs train.data='pipeline'")
         if r:
-            s = self.cfg.sparse
-            sparse = s.enabled and (s.use_vision_predictor or s.use_output_text_predictor)
-            stop = s.sparse_layer if sparse else l.num_layers
-            if not 0 <= sc.attention_layer < stop:
-                raise ValueError(f"objective.attention_layer {sc.attention_layer} must be a layer "
-                                 f"of the LLM before {'sparse.sparse_layer ' if sparse else ''}"
-                                 f"{stop}: the term is computed before sparsification")
-            if sc.attention_target not in O.ATTENTION_TARGETS:
-                raise ValueError(f"objective.attention_target must be one of "
-                                 f"{O.ATTENTION_TARGETS}, not {sc.attention_target!r}")
-            if not 0 <= sc.attention_head < l.num_heads:
-                raise ValueError(f"objective.attention_head {sc.attention_head} is not one of the "
-                                 f"{l.num_heads} heads")
+            O.check_attention_options(self.cfg, sc.attention_layer, sc.attention_head,
+                                      sc.attention_target)
 
     def _setup_model_config(self):
         from .checkpoint import load_config
