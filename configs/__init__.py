@@ -60,6 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
     # "mass": -log(its attention mass on the cell); "uniform": cross-entropy to the uniform
     # distribution over the cell's tokens (it reads the whole cell).
     c.objective.attention_target = "mass"
+    # > 0 (needs data.attention_pairs and records with turn_pairs): heads attention_head and
+    # attention_head + 1 of that layer attend to the two objects a position question names.
+    c.objective.pair_loss_weight = 0.0
+    # > 0: add the choice objective (objective.py; needs data.choice_targets): head
+    # `choice_head` of layer `choice_layer`, where it predicts a multiple-choice answer's
+    # letter, is taught to attend to the text of the option that letter names
+    c.objective.choice_loss_weight = 0.0
+    c.objective.choice_layer = 2
+    c.objective.choice_head = 1
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-6                  # LLM (+ projector)

@@ -71,7 +71,24 @@ layer, before any sparsification) should put its mass on that cell's image token
             / #(marked queries in the global batch)
 
 (``objective.attention_target = "uniform"``: -mean over the cell's image tokens of
-log p(token) instead of -log(mass): the head is taught to read the whole cell.)
+log p(token) instead of -log(mass): the head is taught to read the whole cell.) With batches
+that also carry ``pair_cells [B, R, 2]`` (``data.attention_pairs``: the two objects a
+question about their relative position names) and ``objective.pair_loss_weight`` w > 0,
+heads ``attention_head`` and ``attention_head + 1`` of that layer are taught the first and
+the second object's cells in the same way, at the same position: w x the mean of those
+-log(mass) over the marked (answer, object) pairs.
+
+Optional choice objective (not in Dynamic-LLaVA; ``objective.choice_loss_weight`` w > 0
+with batches that carry ``choice_keys [B, T]``, see ``data.choice_targets``): a multiple-
+choice answer is the letter of the option whose text is the answer, so the LLM must find
+that option in the prompt and copy the letter written before it. At the position that
+predicts the first token of an answer that is one option's letter, head ``choice_head``
+of layer ``choice_layer`` (its softmax as that layer computes it: at or past the sparse
+layer the MaskedSoftmax of the step's decisions, held fixed) should put its mass on the
+tokens of that option's text:
+
+  loss += w * sum_{marked queries} -log(max(mass on the option's tokens, 1e-6))
+            / #(marked queries in the global batch)
 """
 
 from __future__ import annotations
@@ -86,7 +103,7 @@ import numpy as np
 from . import model as M
 from .config import ModelConfig
 from .llama import RMSNorm, apply_rope, run_stack, split_layers
-from .sparsity import gumbel_hard_keep
+from .sparsity import gumbel_hard_keep, masked_softmax
 
 IGNORE = -100
 
@@ -150,8 +167,17 @@ def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all
     n_attn = (jnp.float32(0.0) if turns is None else
               (attention_queries(batch["labels"], turns, batch["image_start"]) >= 0)
               .sum().astype(jnp.float32))
+    pairs = batch.get("pair_cells")
+    n_pair = (jnp.float32(0.0) if pairs is None else sum(
+        (attention_queries(batch["labels"], pairs[..., k], batch["image_start"]) >= 0)
+        .sum().astype(jnp.float32) for k in range(2)))
+    ckeys = batch.get("choice_keys")
+    n_choice = (jnp.float32(0.0) if ckeys is None else
+                (choice_queries(batch["labels"], ckeys) >= 0).sum().astype(jnp.float32))
     return {
         "attn": jnp.maximum(n_attn, one),
+        "choice": jnp.maximum(n_choice, one),
+        "pair": jnp.maximum(n_pair, one),
         "cells": jnp.maximum(n_cells, one),
         "tokens": jnp.maximum(w.sum().astype(jnp.float32), one),
         "img": jnp.maximum((batch["image_start"] >= 0).sum().astype(jnp.float32), one),
@@ -195,7 +221,7 @@ def token_nll(params, cfg: ModelConfig, x_BTH, tgt_BT, chunk: int = 0, constrain
 def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
                   constrain=None, ce_chunk: int = 0, cell_per_token: bool = False,
                   attention_grid: int = 0, attention_layer: int = 1, attention_head: int = 0,
-                  attention_target: str = "mass"):
+                  attention_target: str = "mass", choice_layer: int = 2, choice_head: int = 1):
     """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
 
     batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
@@ -203,8 +229,10 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     arange(B)), optional ce_weight [B] (`ce_weights` of the global batch; default: token
     mean over this batch), optional cell_targets [B,G*G,K] (cell objective), optional
     turn_cells [B,R] (attention objective, over an ``attention_grid`` grid: head
-    ``attention_head`` of layer ``attention_layer``). rng: the step's key; tau: Gumbel
-    temperature (scalar).
+    ``attention_head`` of layer ``attention_layer``), optional pair_cells [B,R,2] (with
+    turn_cells: heads ``attention_head`` and ``attention_head + 1``), optional choice_keys [B,T] (choice
+    objective: head ``choice_head`` of layer ``choice_layer``). rng: the step's key; tau:
+    Gumbel temperature (scalar).
     constrain: optional ``f(x) -> x`` applied to the batch-leading activations (hidden
     states, logits): the trainer passes a sharding constraint (batch over data x fsdp).
     """
@@ -231,69 +259,58 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
            "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B,
            "attn_sum": zeros_B, "attn_mass": zeros_B}
     sparse = sparsifies(cfg)
-    layers = params["llm"]["layers"]
-    turns = batch.get("turn_cells")
+    turns, ckeys = batch.get("turn_cells"), batch.get("choice_keys")
+    pairs = batch.get("pair_cells")
+    if pairs is not None:
+        if turns is None:
+            raise ValueError("pair_cells come with turn_cells (data.attention_turns > 0)")
+        check_attention_options(cfg, attention_layer, attention_head + 1, attention_target)
     if turns is not None:
         check_attention_options(cfg, attention_layer, attention_head, attention_target)
         if attention_grid <= 0:
             raise ValueError("the attention objective needs the grid of turn_cells "
                              "(data.cell_grid > 0)")
-        # layers [0, a), the attention term on the states entering layer a, then layers
-        # [a, stop): the rest runs as without the term
-        first, rest = split_layers(layers, attention_layer)
-        x, _ = run_stack(first, cfg.llm, dt, x, positions, lengths, remat=remat)
+    if ckeys is not None:
+        check_choice_options(cfg, choice_layer, choice_head)
+    out["choice_sum"], out["choice_mass"] = zeros_B, zeros_B
+    out["pair_sum"], out["pair_mass"] = zeros_B, zeros_B
+    # The stack runs in segments: at each layer below where a term reads the hidden states
+    # entering it, the term is computed, then the rest runs as without it.
+    stops = {cfg.llm.num_layers}
+    stops |= {attention_layer} if turns is not None else set()
+    stops |= {sc.sparse_layer} if sparse else set()
+    stops |= {choice_layer} if ckeys is not None else set()
+    rest, at, policy = params["llm"]["layers"], 0, None
+    for stop in sorted(stops):
+        if stop > at:
+            seg, rest = split_layers(rest, stop - at) if stop < cfg.llm.num_layers else (rest, None)
+            x, _ = run_stack(seg, cfg.llm, dt, x, positions, lengths, policy=policy, remat=remat)
+            at = stop
+        if stop == cfg.llm.num_layers:
+            break
         x = cons(x)
-        cells_BT = attention_queries(labels, turns, image_start)
-        a_sum, a_mass = attention_nll(layer_at(layers, attention_layer), cfg, x, positions,
-                                      lengths, image_start, cells_BT, attention_grid,
-                                      attention_head, attention_target)
-        out.update(attn_sum=a_sum, attn_mass=a_mass)
-        if sparse:
-            mid, upper = split_layers(rest, sc.sparse_layer - attention_layer)
-            x, _ = run_stack(mid, cfg.llm, dt, x, positions, lengths, remat=remat)
-            x = cons(x)
-        else:
-            upper = rest
-    elif sparse:
-        lower, upper = split_layers(layers, sc.sparse_layer)
-        x, _ = run_stack(lower, cfg.llm, dt, x, positions, lengths, remat=remat)
-        x = cons(x)
-    else:
-        upper = layers
-    if sparse:
-        policy = jnp.ones((b, t), jnp.float32)
-        n_img = cfg.num_image_tokens
-        has_img = image_start >= 0
-        if sc.use_vision_predictor:
-            logits = M.image_scores(params, cfg, x, image_start).astype(jnp.float32)
-            m_img = jax.vmap(lambda lg, k: gumbel_hard_keep(lg, k, tau))(logits, k_img)  # [B,N]
-            img_in = (jnp.clip(image_start, 0)[:, None] + jnp.arange(n_img)[None]) < lengths[:, None]
-            img_in = img_in & has_img[:, None]
-            m_img = jnp.where(has_img[:, None], m_img, 1.0)
-            rel = jnp.arange(t)[None, :] - image_start[:, None]
-            is_img = M.image_token_mask(cfg.num_image_tokens, image_start, t)
-            p_img = jnp.take_along_axis(m_img, jnp.clip(rel, 0, n_img - 1), axis=1)
-            policy = jnp.where(is_img, p_img, policy)
-            r_b = (m_img * img_in).sum(1) / jnp.maximum(img_in.sum(1), 1)
-            hf = has_img.astype(jnp.float32)
-            out.update(img_sq=hf * (sc.vision_keep_rate - r_b) ** 2,
-                       img_kept=hf * r_b, has_img=hf)
-        if sc.use_output_text_predictor:
-            start, end = answer_span(labels, lengths)
-            in_ans = (positions >= start[:, None]) & (positions < end[:, None])
-            long = (end - start) >= sc.output_text_len_for_training
-            logits = M.text_scores(params, cfg, x).astype(jnp.float32)
-            m_txt = jax.vmap(lambda lg, k: gumbel_hard_keep(lg, k, tau))(logits, k_txt)  # [B,T]
-            m_txt = jnp.where(long[:, None], m_txt, 1.0)
-            policy = jnp.where(in_ans, m_txt, policy)
-            r_b = (m_txt * in_ans).sum(1) / jnp.maximum(in_ans.sum(1), 1)
-            lf = long.astype(jnp.float32)
-            out.update(txt_sq=lf * (sc.output_text_keep_rate - r_b) ** 2,
-                       txt_kept=lf * r_b, txt_long=lf)
-        x, _ = run_stack(upper, cfg.llm, dt, x, positions, lengths, policy=policy, remat=remat)
-    else:
-        policy = None
-        x, _ = run_stack(upper, cfg.llm, dt, x, positions, lengths, remat=remat)
+        if turns is not None and stop == attention_layer:   # before anything is dropped
+            cells_BT = attention_queries(labels, turns, image_start)
+            a_sum, a_mass = attention_nll(layer_at(rest, 0), cfg, x, positions, lengths,
+                                          image_start, cells_BT, attention_grid,
+                                          attention_head, attention_target)
+            out.update(attn_sum=a_sum, attn_mass=a_mass)
+            for k in range(2 if pairs is not None else 0):   # object k: head attention_head + k
+                p_sum, p_mass = attention_nll(
+                    layer_at(rest, 0), cfg, x, positions, lengths, image_start,
+                    attention_queries(labels, pairs[..., k], image_start), attention_grid,
+                    attention_head + k, attention_target)
+                out.update(pair_sum=out["pair_sum"] + p_sum, pair_mass=out["pair_mass"] + p_mass)
+        if sparse and stop == sc.sparse_layer:
+            policy, dec = sparse_policy(params, cfg, x, labels, lengths, image_start, positions,
+                                        k_img, k_txt, tau)
+            out.update(dec)
+        if ckeys is not None and stop == choice_layer:
+            rank_BT = choice_queries(labels, ckeys)
+            c_sum, c_mass = choice_nll(layer_at(rest, 0), cfg, x, positions, lengths, rank_BT,
+                                       ckeys, choice_head,
+                                       None if policy is None else jax.lax.stop_gradient(policy))
+            out.update(choice_sum=c_sum, choice_mass=c_mass)
 
     tgt, w = scored_targets(labels)
     nll = token_nll(params, cfg, x, tgt, ce_chunk, constrain)
@@ -305,6 +322,44 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     out["ce_w"] = out["ce_sum"] * cw
     out["cell_sum"] = cell_sum
     return out, policy
+
+
+def sparse_policy(params, cfg: ModelConfig, x_BTH, labels, lengths, image_start, positions,
+                  k_img, k_txt, tau):
+    """(policy [B, T], per-sample sums) at the sparse layer (module doc, step 2): Gumbel
+    hard decisions of both predictors from the hidden states entering it."""
+    sc = cfg.sparse
+    b, t = labels.shape
+    out = {}
+    policy = jnp.ones((b, t), jnp.float32)
+    n_img = cfg.num_image_tokens
+    has_img = image_start >= 0
+    if sc.use_vision_predictor:
+        logits = M.image_scores(params, cfg, x_BTH, image_start).astype(jnp.float32)
+        m_img = jax.vmap(lambda lg, k: gumbel_hard_keep(lg, k, tau))(logits, k_img)  # [B,N]
+        img_in = (jnp.clip(image_start, 0)[:, None] + jnp.arange(n_img)[None]) < lengths[:, None]
+        img_in = img_in & has_img[:, None]
+        m_img = jnp.where(has_img[:, None], m_img, 1.0)
+        rel = jnp.arange(t)[None, :] - image_start[:, None]
+        is_img = M.image_token_mask(cfg.num_image_tokens, image_start, t)
+        p_img = jnp.take_along_axis(m_img, jnp.clip(rel, 0, n_img - 1), axis=1)
+        policy = jnp.where(is_img, p_img, policy)
+        r_b = (m_img * img_in).sum(1) / jnp.maximum(img_in.sum(1), 1)
+        hf = has_img.astype(jnp.float32)
+        out.update(img_sq=hf * (sc.vision_keep_rate - r_b) ** 2, img_kept=hf * r_b, has_img=hf)
+    if sc.use_output_text_predictor:
+        start, end = answer_span(labels, lengths)
+        in_ans = (positions >= start[:, None]) & (positions < end[:, None])
+        long = (end - start) >= sc.output_text_len_for_training
+        logits = M.text_scores(params, cfg, x_BTH).astype(jnp.float32)
+        m_txt = jax.vmap(lambda lg, k: gumbel_hard_keep(lg, k, tau))(logits, k_txt)  # [B,T]
+        m_txt = jnp.where(long[:, None], m_txt, 1.0)
+        policy = jnp.where(in_ans, m_txt, policy)
+        r_b = (m_txt * in_ans).sum(1) / jnp.maximum(in_ans.sum(1), 1)
+        lf = long.astype(jnp.float32)
+        out.update(txt_sq=lf * (sc.output_text_keep_rate - r_b) ** 2, txt_kept=lf * r_b,
+                   txt_long=lf)
+    return policy, out
 
 
 ATTENTION_TARGETS = ("mass", "uniform")
@@ -331,6 +386,17 @@ def check_attention_options(cfg: ModelConfig, layer: int, head: int, target: str
     if target not in ATTENTION_TARGETS:
         raise ValueError(f"objective.attention_target must be one of {ATTENTION_TARGETS}, "
                          f"not {target!r}")
+
+
+def check_choice_options(cfg: ModelConfig, layer: int, head: int) -> None:
+    """Raise ValueError unless the choice objective can read head `head` of layer `layer`
+    (any layer: at or past the sparse layer the term sees that layer's MaskedSoftmax)."""
+    if not 0 <= layer < cfg.llm.num_layers:
+        raise ValueError(f"objective.choice_layer {layer} is not a layer of the "
+                         f"{cfg.llm.num_layers}-layer LLM")
+    if not 0 <= head < cfg.llm.num_heads:
+        raise ValueError(f"objective.choice_head {head} is not one of the "
+                         f"{cfg.llm.num_heads} heads")
 
 
 def layer_at(layer_params, i: int):
@@ -366,6 +432,24 @@ def image_token_cells(num_image_tokens: int, grid: int) -> np.ndarray:
     return ((i // side) // per * grid + (i % side) // per).astype(np.int32)
 
 
+def head_scores(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, head: int):
+    """(scores [B, T, S] float32, visible [B, T, S]): the scaled attention logits of query
+    head `head` of the decoder layer `layer_p`, recomputed from the hidden states entering
+    it, and the causal, unpadded keys each query sees."""
+    c = cfg.llm
+    d = c.head_dim
+    kvh = head // (c.num_heads // c.num_kv_heads)   # the kv head query head `head` reads
+    h = RMSNorm(c.rms_norm_eps, x_BTH.dtype).apply({"params": layer_p["input_norm"]}, x_BTH)
+    wq = layer_p["q_proj"]["kernel"][:, head * d:(head + 1) * d].astype(h.dtype)
+    wk = layer_p["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d].astype(h.dtype)
+    q = apply_rope((h @ wq)[:, :, None], positions_BT, c.rope_theta)[:, :, 0]
+    k = apply_rope((h @ wk)[:, :, None], positions_BT, c.rope_theta)[:, :, 0]
+    s = jnp.einsum("btd,bsd->bts", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(d)
+    i = jnp.arange(x_BTH.shape[1])
+    visible = (i[None, :, None] >= i[None, None, :]) & (i[None, None, :] < lengths_B[:, None, None])
+    return s, visible
+
+
 def attention_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, image_start_B,
                   cells_BT, grid: int, head: int = 0, target: str = "mass"):
     """Per-sample sums [B] of the attention objective's NLL and of the attention mass (module
@@ -377,18 +461,9 @@ def attention_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, ima
     if target not in ATTENTION_TARGETS:
         raise ValueError(f"objective.attention_target must be one of {ATTENTION_TARGETS}, "
                          f"not {target!r}")
-    c = cfg.llm
-    d = c.head_dim
-    kvh = head // (c.num_heads // c.num_kv_heads)   # the kv head query head `head` reads
-    h = RMSNorm(c.rms_norm_eps, x_BTH.dtype).apply({"params": layer_p["input_norm"]}, x_BTH)
-    wq = layer_p["q_proj"]["kernel"][:, head * d:(head + 1) * d].astype(h.dtype)
-    wk = layer_p["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d].astype(h.dtype)
-    q = apply_rope((h @ wq)[:, :, None], positions_BT, c.rope_theta)[:, :, 0]
-    k = apply_rope((h @ wk)[:, :, None], positions_BT, c.rope_theta)[:, :, 0]
-    s = jnp.einsum("btd,bsd->bts", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(d)
+    s, visible = head_scores(layer_p, cfg, x_BTH, positions_BT, lengths_B, head)
     t = x_BTH.shape[1]
     i = jnp.arange(t)
-    visible = (i[None, :, None] >= i[None, None, :]) & (i[None, None, :] < lengths_B[:, None, None])
     logp = jax.nn.log_softmax(jnp.where(visible, s, jnp.finfo(jnp.float32).min), axis=-1)
     p = jnp.exp(logp)
     n = cfg.num_image_tokens
@@ -404,6 +479,32 @@ def attention_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, ima
     else:
         per = -jnp.log(jnp.maximum(mass, 1e-6))
     nll = jnp.where(marked, per, 0.0).sum(1)
+    return nll, jnp.where(marked, mass, 0.0).sum(1)
+
+
+def choice_queries(labels_BT, choice_keys_BT):
+    """[B, T]: r at the position that predicts the first token of a sample's r-th answer
+    when some key holds r (the option that answer chooses), -1 elsewhere."""
+    _, w = scored_targets(labels_BT)
+    before = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, :-1]], axis=1)
+    first = w & ~before
+    rank = jnp.cumsum(first, axis=1) - 1
+    has = (choice_keys_BT[:, None, :] == rank[:, :, None]).any(-1)
+    return jnp.where(first & has, rank, -1)
+
+
+def choice_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, rank_BT,
+               choice_keys_BT, head: int = 1, policy_BT=None):
+    """Per-sample sums [B] of the choice objective's NLL, -log(mass), and of the mass: the
+    attention of query head `head` of the decoder layer `layer_p` (with `policy_BT`, the
+    training MaskedSoftmax that layer computes), at each position where ``rank_BT >= 0``,
+    summed over the keys where ``choice_keys_BT`` equals that rank."""
+    s, visible = head_scores(layer_p, cfg, x_BTH, positions_BT, lengths_B, head)
+    p = masked_softmax(s, visible, policy_BT)
+    marked = rank_BT >= 0
+    on = (choice_keys_BT[:, None, :] == rank_BT[:, :, None]) & marked[:, :, None]
+    mass = jnp.where(on, p, 0.0).sum(-1)
+    nll = jnp.where(marked, -jnp.log(jnp.maximum(mass, 1e-6)), 0.0).sum(1)
     return nll, jnp.where(marked, mass, 0.0).sum(1)
 
 
@@ -451,7 +552,8 @@ def cell_nll(params, feats_BNH, targets_BCK, image_start_B, per_token: bool = Fa
 
 
 def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
-            attention_weight: float = 0.0) -> tuple[jax.Array, dict]:
+            attention_weight: float = 0.0, choice_weight: float = 0.0,
+            pair_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """Loss and metrics from per-sample sums (already summed over micro-batches or not)."""
     s = {k: jnp.sum(v) for k, v in sums.items()}
     ce = s["ce_w"]
@@ -474,6 +576,15 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
         l_attn = s["attn_sum"] / denom["attn"]
         loss = loss + attention_weight * l_attn
         metrics.update(loss=loss, attn_loss=l_attn, attn_mass=s["attn_mass"] / denom["attn"])
+    if pair_weight:
+        l_pair = s["pair_sum"] / denom["pair"]
+        loss = loss + pair_weight * l_pair
+        metrics.update(loss=loss, pair_loss=l_pair, pair_mass=s["pair_mass"] / denom["pair"])
+    if choice_weight:
+        l_choice = s["choice_sum"] / denom["choice"]
+        loss = loss + choice_weight * l_choice
+        metrics.update(loss=loss, choice_loss=l_choice,
+                       choice_mass=s["choice_mass"] / denom["choice"])
     return loss, metrics
 
 
@@ -481,7 +592,8 @@ def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "no
             text_ratio_mean: str = "all", ce_group_size: int = 0, denom: Any = None,
             ce_chunk: int = 0, cell_weight: float = 0.0, cell_per_token: bool = False,
             attention_weight: float = 0.0, attention_grid: int = 0, attention_layer: int = 1,
-            attention_head: int = 0, attention_target: str = "mass"):
+            attention_head: int = 0, attention_target: str = "mass", choice_weight: float = 0.0,
+            choice_layer: int = 2, choice_head: int = 1, pair_weight: float = 0.0):
     """Whole-batch loss (no micro-batching): (loss, metrics)."""
     if denom is None:
         denom = loss_denominators(batch, cfg, text_ratio_mean)
@@ -489,5 +601,6 @@ def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "no
     sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat, ce_chunk=ce_chunk,
                             cell_per_token=cell_per_token, attention_grid=attention_grid,
                             attention_layer=attention_layer, attention_head=attention_head,
-                            attention_target=attention_target)
-    return combine(sums, denom, cfg, cell_weight, attention_weight)
+                            attention_target=attention_target, choice_layer=choice_layer,
+                            choice_head=choice_head)
+    return combine(sums, denom, cfg, cell_weight, attention_weight, choice_weight, pair_weight)

@@ -252,6 +252,25 @@ class LlavaTokenizer:
         return ids
 
     # ------------------------------------------------------------- decoding
+    def token_texts(self, ids) -> list[str]:
+        """The surface text of each id on its own ("▁" as a space, byte pieces as their
+        character), "" for special tokens, image markers and ids past the vocabulary: their
+        concatenation is the text the ids spell, so character offsets map to tokens."""
+        out = []
+        n = self.sp.get_piece_size()
+        for i in (int(i) for i in ids):
+            if i < 0 or i in self._special_ids:
+                out.append("")
+            elif i in self._id_to_added:
+                out.append(self._id_to_added[i])
+            elif i >= n:
+                out.append("")
+            else:
+                piece = self.sp.id_to_piece(i)
+                byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+                out.append(chr(int(byte.group(1), 16)) if byte else piece.replace(_SPIECE_UNDERLINE, " "))
+        return out
+
     def _pieces_to_text(self, pieces: list[str]) -> str:
         # 4.37 removes the first piece's leading "▁" by hand (its own prefix).
         if pieces[0].startswith(_SPIECE_UNDERLINE):

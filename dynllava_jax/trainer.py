@@ -83,6 +83,10 @@ class StepConfig:
     attention_layer: int = 1
     attention_head: int = 0
     attention_target: str = "mass"
+    choice_loss_weight: float = 0.0
+    pair_loss_weight: float = 0.0
+    choice_layer: int = 2
+    choice_head: int = 1
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
@@ -112,8 +116,10 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
                                       attention_grid=sc.attention_grid,
                                       attention_layer=sc.attention_layer,
                                       attention_head=sc.attention_head,
-                                      attention_target=sc.attention_target)
-            loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight)
+                                      attention_target=sc.attention_target,
+                                      choice_layer=sc.choice_layer, choice_head=sc.choice_head)
+            loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
+                                sc.choice_loss_weight, sc.pair_loss_weight)
             return loss, jax.tree_util.tree_map(jnp.sum, sums)
 
         grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -138,10 +144,12 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             g0 = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             s0 = {k: jnp.zeros((), jnp.float32) for k in
                   ("img_sq", "img_kept", "has_img", "txt_sq", "txt_kept", "txt_long",
-                   "ce_sum", "tokens", "ce_w", "cell_sum", "attn_sum", "attn_mass")}
+                   "ce_sum", "tokens", "ce_w", "cell_sum", "attn_sum", "attn_mass",
+                   "choice_sum", "choice_mass", "pair_sum", "pair_mass")}
             (grads, sums), _ = jax.lax.scan(body, (g0, s0), mbs)
             grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.params)
-        _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight)
+        _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
+                               sc.choice_loss_weight, sc.pair_loss_weight)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(
@@ -394,6 +402,10 @@ def format_metrics(step: int, m: dict) -> str:
             + (f"cell_loss {f('cell_loss')} " if "cell_loss" in m else "")
             + (f"attn_loss {f('attn_loss')} attn_mass {f('attn_mass', '{:.3f}')} "
                if "attn_loss" in m else "")
+            + (f"pair_loss {f('pair_loss')} pair_mass {f('pair_mass', '{:.3f}')} "
+               if "pair_loss" in m else "")
+            + (f"choice_loss {f('choice_loss')} choice_mass {f('choice_mass', '{:.3f}')} "
+               if "choice_loss" in m else "")
             + f"img_kept {f('img_kept', '{:.3f}')} "
             f"txt_kept {f('txt_kept', '{:.3f}')} tau {f('tau', '{:.3f}')} "
             f"lr {f('lr', '{:.2e}')} pred_lr {f('predictor_lr', '{:.2e}')} "
@@ -479,7 +491,11 @@ class Trainer:
             attention_grid=int(config.data.get("cell_grid", 0)),
             attention_layer=int(config.objective.get("attention_layer", 1)),
             attention_head=int(config.objective.get("attention_head", 0)),
-            attention_target=str(config.objective.get("attention_target", "mass")))
+            attention_target=str(config.objective.get("attention_target", "mass")),
+            choice_loss_weight=float(config.objective.get("choice_loss_weight", 0.0)),
+            pair_loss_weight=float(config.objective.get("pair_loss_weight", 0.0)),
+            choice_layer=int(config.objective.get("choice_layer", 2)),
+            choice_head=int(config.objective.get("choice_head", 1)))
         self._check_cells()
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
@@ -516,6 +532,22 @@ class Trainer:
         if r:
             O.check_attention_options(self.cfg, sc.attention_layer, sc.attention_head,
                                       sc.attention_target)
+        self.attention_pairs = pr = bool(c.data.get("attention_pairs", False))
+        if sc.pair_loss_weight and not pr:
+            raise ValueError("objective.pair_loss_weight needs data.attention_pairs = True "
+                             "(records with turn_pairs)")
+        if pr and not r:
+            raise ValueError("data.attention_pairs needs data.attention_turns > 0")
+        if pr:
+            O.check_attention_options(self.cfg, sc.attention_layer, sc.attention_head + 1,
+                                      sc.attention_target)
+        self.choice_targets = ch = bool(c.data.get("choice_targets", False))
+        if sc.choice_loss_weight and not ch:
+            raise ValueError("objective.choice_loss_weight needs data.choice_targets = True")
+        if ch and c.train.data != "pipeline":
+            raise ValueError("data.choice_targets needs train.data='pipeline'")
+        if ch:
+            O.check_choice_options(self.cfg, sc.choice_layer, sc.choice_head)
 
     def _setup_model_config(self):
         from .checkpoint import load_config
@@ -744,6 +776,7 @@ class Trainer:
 
     def _compile_step(self):
         key = (self.cfg, self.step_config, self.cell_grid, self.attention_turns,
+               self.attention_pairs, self.choice_targets,
                _frozen_items(self.config.optim),
                self.groups, self.mesh, self.total_steps)
         fn = _STEP_CACHE.get(key)
@@ -758,6 +791,10 @@ class Trainer:
                 example["cell_targets"] = np.zeros((1, 1, 1), np.int32)
             if self.attention_turns:
                 example["turn_cells"] = np.zeros((1, 1), np.int32)
+            if self.attention_pairs:
+                example["pair_cells"] = np.zeros((1, 1, 1), np.int32)
+            if self.choice_targets:
+                example["choice_keys"] = np.zeros((1, 1), np.int32)
             fn = jit_train_step(step_fn, self.shardings, S.batch_shardings(example, self.mesh),
                                 self.mesh)
             _STEP_CACHE[key] = fn
@@ -767,7 +804,9 @@ class Trainer:
     def _global_batch(self, host_batch: dict) -> dict:
         keys = ("tokens", "labels", "lengths", "image_start", "pixels") + (
             ("cell_targets",) if self.cell_grid else ()) + (
-            ("turn_cells",) if self.attention_turns else ())
+            ("turn_cells",) if self.attention_turns else ()) + (
+            ("pair_cells",) if self.attention_pairs else ()) + (
+            ("choice_keys",) if self.choice_targets else ())
         return S.host_local_to_global({k: host_batch[k] for k in keys}, self.mesh,
                                       self.global_batch)
 

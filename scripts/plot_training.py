@@ -39,6 +39,13 @@ def plot(workdirs, out: Path) -> Path:
             ax[0].plot(x, [r["attn_loss"] for r in rows], "-.", label=f"{name}: attention loss")
             ax[1].plot(x, [r["attn_mass"] for r in rows], lw=0.6, alpha=0.7,
                        label=f"{name}: attention mass on the named cell")
+        if "pair_loss" in rows[0]:
+            ax[1].plot(x, [r["pair_mass"] for r in rows], lw=0.6, alpha=0.7,
+                       label=f"{name}: attention mass on a position question's objects")
+        if "choice_loss" in rows[0]:
+            ax[0].plot(x, [r["choice_loss"] for r in rows], lw=0.6, label=f"{name}: choice loss")
+            ax[1].plot(x, [r["choice_mass"] for r in rows], lw=0.6, alpha=0.7,
+                       label=f"{name}: attention mass on the chosen option")
         if any(r.get("img_kept", 0) > 0 for r in rows):
             ax[1].plot(x, [r["img_kept"] for r in rows], label=f"{name}: image tokens kept")
             ax[1].plot(x, [r["txt_kept"] for r in rows], label=f"{name}: long-answer tokens kept")
@@ -46,11 +53,11 @@ def plot(workdirs, out: Path) -> Path:
         ax[0].axvline(offset, color="grey", lw=0.5)
     ax[0].set_yscale("log")
     ax[0].set_xlabel("step")
-    ax[0].set_title("loss, cross-entropy, cell and attention losses")
+    ax[0].set_title("loss, cross-entropy, cell, attention and choice losses")
     ax[0].legend(fontsize=8)
     ax[1].set_xlabel("step")
     ax[1].set_ylim(0, 1)
-    ax[1].set_title("kept fractions (targets 0.2 and 0.5), attention mass")
+    ax[1].set_title("kept fractions (targets 0.2 and 0.5), attention masses")
     ax[1].legend(fontsize=8)
     for a in ax:
         a.grid(alpha=0.3)

@@ -453,3 +453,100 @@ def test_attention_objective_matches_naive_formula(tiny, batch):
     np.testing.assert_allclose(total, float(loss), rtol=1e-5)
     with pytest.raises(ValueError, match="before the sparse layer"):
         O.forward_train(params, cfg, bt, rng, tau, attention_grid=g, attention_layer=2)
+
+
+def test_choice_objective_matches_naive_formula(tiny, batch):
+    """objective.choice_loss_weight: -log of the attention mass that one head of a layer past
+    the sparse layer (its MaskedSoftmax under the step's decisions) puts on the marked option
+    tokens, at the first prediction of the answer they belong to; the rest is unchanged."""
+    from dynllava_jax.data.choice_keys import answer_runs
+    cfg, params = tiny
+    layer, head, w = cfg.sparse.sparse_layer + 1, 2, 0.3
+    keys = np.full(batch["labels"].shape, -1, np.int32)
+    rs = np.random.default_rng(4)
+    for b in range(6):
+        prev = 0
+        for r, (s, e) in enumerate(answer_runs(batch["labels"][b])):
+            if r % 2 == 0 and s - prev > 2:   # every other answer's prompt holds its "option"
+                lo = int(rs.integers(prev, s - 2))
+                keys[b, lo:lo + 3] = r
+            prev = e
+    bt = dict(batch, choice_keys=keys)
+    rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
+    kw = dict(choice_layer=layer, choice_head=head)
+    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, **kw))
+    (sums, policy), (sums0, _) = fwd(bt), fwd(batch)
+    for k in ("ce_sum", "img_sq", "txt_sq", "img_kept", "txt_kept"):
+        np.testing.assert_allclose(sums[k], sums0[k], rtol=1e-5, atol=1e-7)
+
+    # naive: the hidden states entering `layer` (the layers from the sparse one under the
+    # policy), then one head's MaskedSoftmax in float64
+    c, lay = cfg.llm, params["llm"]["layers"]
+    lp = jax.tree_util.tree_map(lambda a: np.asarray(a[layer], np.float64), lay)
+    feats = M.image_features(params, cfg, jnp.asarray(batch["pixels"]))
+    x = M.embed_inputs(params, cfg, jnp.asarray(batch["tokens"]), feats,
+                       jnp.asarray(batch["image_start"]))
+    t = x.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(t)[None], x.shape[:2])
+    n_len = jnp.asarray(batch["lengths"])
+    sl = cfg.sparse.sparse_layer
+    x, _ = O.run_stack(jax.tree_util.tree_map(lambda a: a[:sl], lay), c, jnp.float32, x, pos, n_len)
+    x, _ = O.run_stack(jax.tree_util.tree_map(lambda a: a[sl:layer], lay), c, jnp.float32, x, pos,
+                       n_len, policy=policy)
+    x, pol = np.asarray(x, np.float64), np.asarray(policy, np.float64)
+    d, kvh = c.head_dim, head // (c.num_heads // c.num_kv_heads)
+    tot, n = 0.0, 0
+    for b in range(6):
+        h = x[b] / np.sqrt((x[b] ** 2).mean(-1, keepdims=True) + c.rms_norm_eps)
+        h = h * lp["input_norm"]["scale"]
+        q = _rope(h @ lp["q_proj"]["kernel"][:, head * d:(head + 1) * d], np.arange(t), c.rope_theta)
+        k = _rope(h @ lp["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d], np.arange(t), c.rope_theta)
+        for r, (s, e) in enumerate(answer_runs(batch["labels"][b])):
+            qi = s - 1                           # the position predicting the answer's first token
+            if not (keys[b] == r).any():
+                continue
+            sc = q[qi] @ k.T / np.sqrt(d)
+            vis = (np.arange(t) <= qi) & (np.arange(t) < batch["lengths"][b])
+            g = np.where(np.arange(t) == qi, 1.0, pol[b])
+            a = np.where(vis, np.exp(sc - sc[vis].max()) * g, 0.0)
+            p = (a + 1e-6 / t) / (a.sum() + 1e-6)
+            tot, n = tot - np.log(max(p[keys[b] == r].sum(), 1e-6)), n + 1
+    assert n >= 4
+    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, choice_weight=w, **kw))(bt)
+    loss0, _ = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau))(batch)
+    np.testing.assert_allclose(float(m["choice_loss"]), tot / n, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(loss0) + w * tot / n, rtol=1e-5)
+    assert 0 < float(m["choice_mass"]) < 1
+    assert float(O.loss_denominators(bt, cfg)["choice"]) == n
+    with pytest.raises(ValueError, match="choice_layer"):
+        O.forward_train(params, cfg, bt, rng, tau, choice_layer=c.num_layers)
+
+
+def test_pair_objective_is_two_heads_attention_objective(tiny, batch):
+    """objective.pair_loss_weight: heads h and h + 1 of the attention layer scored, like the
+    attention objective, on the first and the second cell of each answer's pair."""
+    cfg, params = tiny
+    g, layer, head, w = 2, 1, 1, 0.4
+    rs = np.random.default_rng(5)
+    turns = rs.integers(-1, g * g, (6, 3)).astype(np.int32)
+    pairs = rs.integers(-1, g * g, (6, 3, 2)).astype(np.int32)
+    pairs[:, 0] = np.stack([np.arange(6) % 4, (np.arange(6) + 1) % 4], -1)
+    rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
+    kw = dict(attention_grid=g, attention_layer=layer)
+    fwd = jax.jit(lambda b, h: O.forward_train(params, cfg, b, rng, tau, attention_head=h, **kw)[0],
+                  static_argnums=1)
+    both = fwd(dict(batch, turn_cells=turns, pair_cells=pairs), head)
+    first = fwd(dict(batch, turn_cells=pairs[..., 0]), head)
+    second = fwd(dict(batch, turn_cells=pairs[..., 1]), head + 1)
+    np.testing.assert_allclose(both["pair_sum"], first["attn_sum"] + second["attn_sum"], rtol=1e-6)
+    np.testing.assert_allclose(both["pair_mass"], first["attn_mass"] + second["attn_mass"], rtol=1e-6)
+    bt = dict(batch, turn_cells=turns, pair_cells=pairs)
+    denom = O.loss_denominators(bt, cfg)
+    n = sum(int((O.attention_queries(jnp.asarray(batch["labels"]), jnp.asarray(pairs[..., k]),
+                                     jnp.asarray(batch["image_start"])) >= 0).sum()) for k in (0, 1))
+    assert float(denom["pair"]) == n >= 6
+    _, m = O.combine(both, denom, cfg, 0.0, 0.0, 0.0, w)
+    np.testing.assert_allclose(float(m["pair_loss"]),
+                               float((first["attn_sum"] + second["attn_sum"]).sum()) / n, rtol=1e-6)
+    with pytest.raises(ValueError, match="attention_head"):
+        O.forward_train(params, cfg, bt, rng, tau, attention_head=cfg.llm.num_heads - 1, **kw)

@@ -313,6 +313,16 @@ def _named_cell(question: str, answer: str, scene) -> int:
     return -1
 
 
+def _named_pair(question: str, scene) -> list[int]:
+    """The grid cells of the two objects a position question names, in order ([-1, -1])."""
+    for a in scene.objects:
+        for b in scene.objects:
+            if question in (f"Is the {a.name} to the left or to the right of the {b.name}?",
+                            f"Is the {a.name} above or below the {b.name}?"):
+                return [a.row * S.GRID + a.col, b.row * S.GRID + b.col]
+    return [-1, -1]
+
+
 def test_turn_cells_name_the_asked_objects(data):
     """Each record's `turn_cells` gives, per answer, the grid cell of the object its question
     names (colour, shape, choice of either, presence "yes"), -1 for the others; with
@@ -322,7 +332,7 @@ def test_turn_cells_name_the_asked_objects(data):
     from dynllava_jax.image_processing import ImageProcessor
     from dynllava_jax.tokenizer import LlavaTokenizer
     out, _ = data
-    named = 0
+    named = pairs = 0
     for name in ("train.json", "train_lookup.json"):
         for rec in json.loads((out / name).read_text()):
             i = int(rec["id"].split("-")[1])
@@ -332,7 +342,10 @@ def test_turn_cells_name_the_asked_objects(data):
                     for q, a in zip(conv[::2], conv[1::2])]
             assert rec["turn_cells"] == want
             named += sum(c >= 0 for c in want)
-    assert named > 2 * N_TRAIN
+            assert rec["turn_pairs"] == [_named_pair(q["value"].replace("<image>\n", ""), scene)
+                                         for q in conv[::2]]
+            pairs += sum(p[0] >= 0 for p in rec["turn_pairs"])
+    assert named > 2 * N_TRAIN and pairs > N_TRAIN / 2
     tok = LlavaTokenizer.from_dir(out / "tokenizer")
     kw = dict(tokenizer=tok, image_processor=ImageProcessor.from_dir(out / "tokenizer"),
               image_folder=str(out), num_image_tokens=144, seq_len=512, model_max_length=512)
@@ -343,6 +356,15 @@ def test_turn_cells_name_the_asked_objects(data):
     n = len(rec["turn_cells"])
     assert list(ex["turn_cells"][:n]) == rec["turn_cells"] and (ex["turn_cells"][n:] == -1).all()
     assert "turn_cells" not in encode_record(to_raw_record(rec, 0), cell_grid=3, **kw)
+    assert "pair_cells" not in ex
+    ex = encode_record(to_raw_record(rec, 0), cell_grid=3, attention_turns=16,
+                       attention_pairs=True, **kw)
+    assert ex["pair_cells"].shape == (16, 2) and (ex["pair_cells"][n:] == -1).all()
+    assert ex["pair_cells"][:n].tolist() == rec["turn_pairs"]
+    for bad in ([[9, 0]], [[0]], [3], [[0.5, 1]]):
+        got = encode_record(to_raw_record(dict(rec, turn_pairs=bad), 0), cell_grid=3,
+                            attention_turns=4, attention_pairs=True, **kw)
+        assert isinstance(got, Invalid) and got.reason == BAD_TURN_CELLS, bad
     for bad in ([9], [0.5], "0", [True]):
         got = encode_record(to_raw_record(dict(rec, turn_cells=bad), 0), cell_grid=3,
                             attention_turns=4, **kw)
@@ -351,24 +373,67 @@ def test_turn_cells_name_the_asked_objects(data):
     assert isinstance(got, Invalid) and got.reason == BAD_TURN_CELLS
 
 
-def test_train_with_the_attention_objective(tmp_path, data, small_ckpt):
-    """train.py's attention objective on SynthVQA records: batches carry turn_cells, the
-    loss adds weight x attention loss, the mass is logged, and configs that cannot feed it
-    (no turn_cells, a layer past the LLM) are refused."""
+def test_choice_keys_mark_the_chosen_option(data):
+    """With `data.choice_targets` each example marks, for every answer that is an option's
+    letter, the tokens of that option's text (found in the tokens' own text) with the
+    answer's rank; nothing else is marked."""
+    from dynllava_jax.data.llava_json import encode_record, to_raw_record
+    from dynllava_jax.image_processing import ImageProcessor
+    from dynllava_jax.tokenizer import LlavaTokenizer
+    out, _ = data
+    tok = LlavaTokenizer.from_dir(out / "tokenizer")
+    kw = dict(tokenizer=tok, image_processor=ImageProcessor.from_dir(out / "tokenizer"),
+              image_folder=str(out), num_image_tokens=144, seq_len=512, model_max_length=512)
+    checked = 0
+    for i, rec in enumerate(json.loads((out / "train.json").read_text())):
+        ex = encode_record(to_raw_record(rec, i), choice_targets=True, **kw)
+        texts = tok.token_texts(ex["tokens"][:ex["lengths"]])
+        conv = rec["conversations"]
+        for r, (q, a) in enumerate(zip(conv[::2], conv[1::2])):
+            marked = "".join(t for t, k in zip(texts, ex["choice_keys"]) if k == r)
+            if "\nA. " in q["value"]:
+                option = [ln for ln in q["value"].split("\n") if ln.startswith(a["value"] + ". ")]
+                assert marked.strip() == option[0][3:], (q, a, marked)
+                checked += 1
+            else:
+                assert marked == ""
+        assert (ex["choice_keys"][ex["lengths"]:] == -1).all()
+    assert checked >= 5
+    assert "choice_keys" not in encode_record(to_raw_record(rec, 0), **kw)
+
+
+def test_train_with_the_attention_and_choice_objectives(tmp_path, data, small_ckpt):
+    """train.py's attention (with pairs) and choice objectives on SynthVQA records: batches
+    carry turn_cells, pair_cells and choice_keys, the loss adds weight x each term, the
+    masses are logged, and configs that cannot feed them (no turn_cells, pairs or choice
+    keys, a head or layer past the LLM's) are refused."""
     from dynllava_jax import trainer as T
     over = {"objective.cell_loss_weight": 0.0, "data.attention_turns": 8,
-            "objective.attention_loss_weight": 0.5}
+            "objective.attention_loss_weight": 0.5, "data.attention_pairs": True,
+            "objective.pair_loss_weight": 0.125, "data.choice_targets": True,
+            "objective.choice_loss_weight": 0.25, "objective.choice_layer": 2,
+            "train.global_batch_size": 4}
 
     def config(*more):
         return _small_run_config(data, small_ckpt, *more, **over)
     tr = T.Trainer(config(), tmp_path / "run", progress=False)
     tr.run()
     tr.close()
-    for row in T.read_metrics(tmp_path / "run"):
+    rows = T.read_metrics(tmp_path / "run")
+    for row in rows:
         assert 0 < row["attn_loss"] < 14 and 0 < row["attn_mass"] < 1
-        assert row["loss"] == pytest.approx(row["ce"] + 0.5 * row["attn_loss"], rel=1e-5)
+        assert row["loss"] == pytest.approx(
+            row["ce"] + 0.5 * row["attn_loss"] + 0.125 * row["pair_loss"]
+            + 0.25 * row["choice_loss"], rel=1e-5)
+        assert 0 <= row["choice_mass"] < 1 and 0 <= row["pair_mass"] < 1
+    assert any(0 < row["choice_loss"] < 14 for row in rows)   # 4 records hold a choice
+    assert any(0 < row["pair_loss"] < 14 for row in rows)     # and a position question
     for bad, match in (("data.attention_turns=0", "attention_turns"),
                        ("objective.attention_layer=3", "attention_layer"),
+                       ("data.choice_targets=False", "choice_targets"),
+                       ("data.attention_pairs=False", "attention_pairs"),
+                       ("objective.attention_head=1", "attention_head"),
+                       ("objective.choice_layer=3", "choice_layer"),
                        ("data.cell_grid=0", "cell_grid")):
         with pytest.raises(ValueError, match=match):
             T.Trainer(config(bad), tmp_path / "bad", progress=False)

@@ -27,6 +27,13 @@ turns a ``RawRecord`` into one example of fixed shapes, or into an
 ``turn_cells``      int32 [R], only with ``attention_turns`` R > 0: the record's
                     ``turn_cells`` (per answer, in order, the grid cell its question
                     names, -1 for none), -1 padded (see ``objective.attention_nll``)
+``pair_cells``      int32 [R, 2], only with ``attention_pairs`` (and R > 0): the record's
+                    ``turn_pairs`` (per answer, the cells of the two objects a question
+                    about their relative position names; [-1, -1] for the others)
+``choice_keys``     int32 [T], only with ``choice_targets``: r at the tokens of the
+                    option the r-th answer chooses (a multiple-choice question answered
+                    with its option's letter), -1 elsewhere (``data/choice_keys.py``,
+                    ``objective.choice_nll``)
 ==================  ======================================================
 
 Truncation follows LLaVA: the ids (one marker standing for the image) are cut to
@@ -48,6 +55,7 @@ import numpy as np
 from PIL import Image
 
 from dynllava_jax.conversation import IGNORE_INDEX, tokenize_conversation_with_labels
+from dynllava_jax.data.choice_keys import choice_keys
 from dynllava_jax.image_processing import ImageLoadError
 from dynllava_jax.inputs import IMAGE_MARKER
 from dynllava_jax.tokenizer import IMAGE_TOKEN
@@ -87,6 +95,7 @@ class RawRecord:
     image_missing: bool = False
     cell_text: Any = None
     turn_cells: Any = None
+    turn_pairs: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +156,8 @@ def to_raw_record(record: Any, index: int) -> RawRecord:
     image = record.get("image")
     return RawRecord(id=str(record.get("id", index)), conversations=record.get("conversations"),
                      image=None if image in (None, "") else str(image),
-                     cell_text=record.get("cell_text"), turn_cells=record.get("turn_cells"))
+                     cell_text=record.get("cell_text"), turn_cells=record.get("turn_cells"),
+                     turn_pairs=record.get("turn_pairs"))
 
 
 def _check_conversation(conversations: Any) -> str | None:
@@ -202,6 +212,8 @@ def encode_record(
     cell_grid: int = 0,
     cell_tokens: int = 3,
     attention_turns: int = 0,
+    attention_pairs: bool = False,
+    choice_targets: bool = False,
 ) -> dict[str, np.ndarray] | Invalid:
     """One training example of fixed shapes (see the module docstring), or ``Invalid``.
 
@@ -210,7 +222,9 @@ def encode_record(
     costs an image decode. ``cell_grid`` > 0 adds ``cell_targets`` (``cell_tokens`` ids a
     cell); a ``cell_text`` that is not ``cell_grid**2`` strings is a bad record.
     ``attention_turns`` R > 0 adds ``turn_cells`` (needs ``cell_grid``: the cells index its
-    grid); one that is not a list of cells or -1 is a bad record.
+    grid); one that is not a list of cells or -1 is a bad record; ``attention_pairs`` adds
+    ``pair_cells`` as well (bad pairs: the same reason). ``choice_targets`` adds
+    ``choice_keys``, found in the example's own text.
     """
     if requires_image and raw.image is None:
         return Invalid(raw.id, TEXT_ONLY)
@@ -260,6 +274,10 @@ def encode_record(
         turns = _turn_cells(raw.turn_cells, cell_grid, attention_turns)
         if isinstance(turns, str):
             return Invalid(raw.id, BAD_TURN_CELLS, turns)
+        if attention_pairs:
+            pairs = _turn_pairs(raw.turn_pairs, cell_grid, attention_turns)
+            if isinstance(pairs, str):
+                return Invalid(raw.id, BAD_TURN_CELLS, pairs)
 
     n = len(ids)
     tokens = np.full((seq_len,), tokenizer.pad_id, np.int32)
@@ -277,6 +295,12 @@ def encode_record(
         out["cell_targets"] = cells
     if attention_turns > 0:
         out["turn_cells"] = turns
+        if attention_pairs:
+            out["pair_cells"] = pairs
+    if choice_targets:
+        keys = np.full((seq_len,), -1, np.int32)
+        keys[:n] = choice_keys(tokenizer.token_texts(ids), labels)
+        out["choice_keys"] = keys
     return out
 
 
@@ -294,6 +318,23 @@ def _turn_cells(turn_cells, grid: int, r: int) -> np.ndarray | str:
         return f"turn_cells must be grid cells 0..{grid * grid - 1} or -1, one per answer"
     cells = list(turn_cells)[:r]
     out[:len(cells)] = cells
+    return out
+
+
+def _turn_pairs(turn_pairs, grid: int, r: int) -> np.ndarray | str:
+    """[r, 2] the two grid cells named by each of the first r answers' questions (-1: none,
+    or padding), or why the record's ``turn_pairs`` is unusable."""
+    out = np.full((r, 2), -1, np.int32)
+    if turn_pairs is None:
+        return out
+    if (not isinstance(turn_pairs, (list, tuple))
+            or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                       and all(isinstance(c, int) and not isinstance(c, bool)
+                               and -1 <= c < grid * grid for c in p) for p in turn_pairs)):
+        return f"turn_pairs must be pairs of grid cells 0..{grid * grid - 1} or -1, one per answer"
+    pairs = list(turn_pairs)[:r]
+    if pairs:
+        out[:len(pairs)] = pairs
     return out
 
 

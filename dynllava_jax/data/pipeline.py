@@ -26,6 +26,11 @@ key                 dtype       shape        content
                                              ids of each cell's ``cell_text`` (-1 padded)
 ``turn_cells``      int32       [b, R]       only with ``data_cfg.attention_turns`` R > 0:
                                              the cell each answer's question names (-1)
+``pair_cells``      int32       [b, R, 2]    only with ``data_cfg.attention_pairs``: the
+                                             cells of the two objects each answer's
+                                             question names (-1)
+``choice_keys``     int32       [b, T]       only with ``data_cfg.choice_targets``: r at the
+                                             tokens of the option the r-th answer chooses
 ==================  ==========  ===========  ========================================
 
 ``T = data_cfg.seq_len``, ``S = image_processor.image_size``. Every batch has exactly
@@ -136,6 +141,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.cell_tokens = 3                # `cell_text` (G x G cells, this many ids each; JSON only)
     cfg.attention_turns = 0            # R > 0: batches carry `turn_cells` [b, R] from the records'
                                        # `turn_cells` (the attention objective; JSON only)
+    cfg.attention_pairs = False        # True (with R > 0): batches carry `pair_cells` [b, R, 2]
+                                       # from the records' `turn_pairs` (JSON only)
+    cfg.choice_targets = False         # True: batches carry `choice_keys` [b, T], where each
+                                       # multiple-choice answer's option is written (the choice
+                                       # objective; found in the text, so any source)
     return cfg
 
 
@@ -196,7 +206,9 @@ def make_record_dataset(data_cfg, tokenizer, image_processor, num_image_tokens: 
         seq_len=data_cfg.seq_len, model_max_length=data_cfg.model_max_length,
         requires_image=data_cfg.get("requires_image", False),
         cell_grid=int(data_cfg.get("cell_grid", 0)), cell_tokens=int(data_cfg.get("cell_tokens", 3)),
-        attention_turns=int(data_cfg.get("attention_turns", 0)))
+        attention_turns=int(data_cfg.get("attention_turns", 0)),
+        attention_pairs=bool(data_cfg.get("attention_pairs", False)),
+        choice_targets=bool(data_cfg.get("choice_targets", False)))
     return ds.map(encode)
 
 
@@ -242,7 +254,7 @@ def make_iterator(data_cfg, tokenizer, image_processor, num_image_tokens: int, *
 
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stack single examples into a batch (the keys of ``EXAMPLE_KEYS``, and ``cell_targets``,
-    ``turn_cells`` when the examples have them)."""
+    ``turn_cells``, ``pair_cells``, ``choice_keys`` when the examples have them)."""
     return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
 
 

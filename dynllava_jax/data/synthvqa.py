@@ -178,6 +178,7 @@ class QA:
     choices: tuple = ()          # choice: the options, in order
     cell: int = -1               # the grid cell of the one object the question names
                                  # (colour, shape, presence "yes", choice of colour/shape)
+    pair: tuple = (-1, -1)       # position: the cells of the two objects it names, in order
 
 
 def _article(word: str) -> str:
@@ -222,8 +223,9 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
         if len(objs) < 2:
             return None
         i, j = rng.permutation(len(objs))[:2]
-        q, a = _relation(objs[int(i)], objs[int(j)])
-        return QA(qtype, q, a)
+        a, b = objs[int(i)], objs[int(j)]
+        q, ans = _relation(a, b)
+        return QA(qtype, q, ans, pair=(a.row * GRID + a.col, b.row * GRID + b.col))
     if qtype == "presence":
         neg = bool(rng.integers(2)) if negative is None else negative
         if not neg:
@@ -344,16 +346,18 @@ def lookup_record(scene: Scene, rng: np.random.Generator, rid: str, image: str,
 
 
 def _record(qas: list[QA], rid: str, image: str, scene: Scene) -> dict:
-    """A LLaVA record, plus `cell_text` and `turn_cells`: per answer, the grid cell (row *
-    GRID + col) of the one object its question names, -1 where it names none or two (count,
-    position, ocr, describe, presence "no"): the labels of the optional attention objective
-    (``objective.attention_loss_weight``, data.attention_turns)."""
+    """A LLaVA record, plus `cell_text`, `turn_cells` and `turn_pairs`: per answer, the grid
+    cell (row * GRID + col) of the one object its question names, -1 where it names none or
+    two (count, position, ocr, describe, presence "no"), and the cells of the two objects a
+    position question names ([-1, -1] for the others): the labels of the optional attention
+    objective (``objective.attention_loss_weight``, data.attention_turns, and
+    ``objective.pair_loss_weight``, data.attention_pairs)."""
     conv = []
     for k, qa in enumerate(qas):
         q = f"<image>\n{qa.question}" if k == 0 else qa.question
         conv += [{"from": "human", "value": q}, {"from": "gpt", "value": qa.answer}]
     return {"id": rid, "image": image, "conversations": conv, "cell_text": cell_text(scene),
-            "turn_cells": [qa.cell for qa in qas]}
+            "turn_cells": [qa.cell for qa in qas], "turn_pairs": [list(qa.pair) for qa in qas]}
 
 
 def cell_text(scene: Scene) -> list[str]:
