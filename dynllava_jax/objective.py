@@ -230,8 +230,8 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     mean over this batch), optional cell_targets [B,G*G,K] (cell objective), optional
     turn_cells [B,R] (attention objective, over an ``attention_grid`` grid: head
     ``attention_head`` of layer ``attention_layer``), optional pair_cells [B,R,2] (with
-    turn_cells: heads ``attention_head`` and ``attention_head + 1``), optional choice_keys [B,T] (choice
-    objective: head ``choice_head`` of layer ``choice_layer``). rng: the step's key; tau:
+    turn_cells: heads ``attention_head`` and ``attention_head + 1``), optional choice_keys
+    [B,T] (choice objective: head ``choice_head`` of layer ``choice_layer``). rng: the step's key; tau:
     Gumbel temperature (scalar).
     constrain: optional ``f(x) -> x`` applied to the batch-leading activations (hidden
     states, logits): the trainer passes a sharding constraint (batch over data x fsdp).
@@ -257,7 +257,8 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     zeros_B = jnp.zeros((b,), jnp.float32)
     out = {"img_sq": zeros_B, "img_kept": zeros_B, "has_img": zeros_B,
            "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B,
-           "attn_sum": zeros_B, "attn_mass": zeros_B}
+           "attn_sum": zeros_B, "attn_mass": zeros_B, "pair_sum": zeros_B,
+           "pair_mass": zeros_B, "choice_sum": zeros_B, "choice_mass": zeros_B}
     sparse = sparsifies(cfg)
     turns, ckeys = batch.get("turn_cells"), batch.get("choice_keys")
     pairs = batch.get("pair_cells")
@@ -272,8 +273,6 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
                              "(data.cell_grid > 0)")
     if ckeys is not None:
         check_choice_options(cfg, choice_layer, choice_head)
-    out["choice_sum"], out["choice_mass"] = zeros_B, zeros_B
-    out["pair_sum"], out["pair_mass"] = zeros_B, zeros_B
     # The stack runs in segments: at each layer below where a term reads the hidden states
     # entering it, the term is computed, then the rest runs as without it.
     stops = {cfg.llm.num_layers}
@@ -406,14 +405,20 @@ def layer_at(layer_params, i: int):
     return jax.tree_util.tree_map(lambda a: a[i], layer_params)
 
 
+def answer_starts(labels_BT):
+    """(first [B, T] bool, rank [B, T]): the positions that predict the first token of an
+    answer (the first of each run of scored positions), and the answer's index r there."""
+    _, w = scored_targets(labels_BT)
+    before = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, :-1]], axis=1)
+    first = w & ~before
+    return first, jnp.cumsum(first, axis=1) - 1
+
+
 def attention_queries(labels_BT, turn_cells_BR, image_start_B):
     """[B, T]: at the position that predicts the first token of a sample's r-th answer (the
     first of its r-th run of scored positions), ``turn_cells[:, r]``; -1 elsewhere, past
     the R given, and in samples without an image."""
-    _, w = scored_targets(labels_BT)
-    before = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, :-1]], axis=1)
-    first = w & ~before
-    rank = jnp.cumsum(first, axis=1) - 1
+    first, rank = answer_starts(labels_BT)
     r = turn_cells_BR.shape[1]
     cell = jnp.take_along_axis(turn_cells_BR, jnp.clip(rank, 0, r - 1), axis=1)
     ok = first & (rank < r) & (image_start_B >= 0)[:, None]
@@ -485,10 +490,7 @@ def attention_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, ima
 def choice_queries(labels_BT, choice_keys_BT):
     """[B, T]: r at the position that predicts the first token of a sample's r-th answer
     when some key holds r (the option that answer chooses), -1 elsewhere."""
-    _, w = scored_targets(labels_BT)
-    before = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, :-1]], axis=1)
-    first = w & ~before
-    rank = jnp.cumsum(first, axis=1) - 1
+    first, rank = answer_starts(labels_BT)
     has = (choice_keys_BT[:, None, :] == rank[:, :, None]).any(-1)
     return jnp.where(first & has, rank, -1)
 

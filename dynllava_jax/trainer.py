@@ -83,8 +83,8 @@ class StepConfig:
     attention_layer: int = 1
     attention_head: int = 0
     attention_target: str = "mass"
-    choice_loss_weight: float = 0.0
     pair_loss_weight: float = 0.0
+    choice_loss_weight: float = 0.0
     choice_layer: int = 2
     choice_head: int = 1
 

@@ -15,13 +15,13 @@ import re
 
 import numpy as np
 
-IGNORE = -100
+from dynllava_jax.conversation import IGNORE_INDEX
 _LETTER = re.compile(r"\s*([A-Z])\s*\.?\s*")
 
 
 def answer_runs(labels) -> list[tuple[int, int]]:
     """[(start, end)] of each run of labelled positions (one an assistant answer)."""
-    lab = np.asarray(labels) != IGNORE
+    lab = np.asarray(labels) != IGNORE_INDEX
     edges = np.flatnonzero(np.diff(np.concatenate([[0], lab.astype(np.int8), [0]])))
     return [(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2])]
 
