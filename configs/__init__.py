@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.ce_group_size = 0
     # > 0: LM head + cross-entropy over this many tokens at a time (saves the [B,T,V] logits).
     c.objective.ce_chunk = 0
+    # Weight of the answers' cross-entropy. 0: the LLM is not run at all (tower pretraining:
+    # the vision tower and projector learn from the cell objective alone, LLaVA's pretrained
+    # tower for a model trained from random weights); needs cell_loss_weight > 0.
+    c.objective.ce_loss_weight = 1.0
     # > 0: add the cell objective (objective.py; needs data.cell_grid and records with
     # cell_text): each grid cell's mean image token scored against the words naming it.
     c.objective.cell_loss_weight = 0.0

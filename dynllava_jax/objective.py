@@ -57,6 +57,9 @@ embeddings of the words that name its content, e.g. ``small red circle``):
   loss += w * sum_{b, cell, k: target >= 0} -log softmax(mean_cell(feats) E^T)[target]
             / #(targets >= 0 in the global batch)
 
+With ``objective.ce_loss_weight = 0`` (tower pretraining) the CE is off and the LLM does not
+run (``forward_train(run_llm=False)``): the loss is the cell objective alone.
+
 Optional attention objective (not in Dynamic-LLaVA; ``objective.attention_loss_weight``
 w > 0 with batches that carry ``turn_cells [B, R]``, see ``data.attention_turns``): a
 supervised attention signal for an LLM trained from random weights, which otherwise does
@@ -221,7 +224,8 @@ def token_nll(params, cfg: ModelConfig, x_BTH, tgt_BT, chunk: int = 0, constrain
 def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
                   constrain=None, ce_chunk: int = 0, cell_per_token: bool = False,
                   attention_grid: int = 0, attention_layer: int = 1, attention_head: int = 0,
-                  attention_target: str = "mass", choice_layer: int = 2, choice_head: int = 1):
+                  attention_target: str = "mass", choice_layer: int = 2, choice_head: int = 1,
+                  run_llm: bool = True):
     """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
 
     batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
@@ -235,6 +239,8 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     Gumbel temperature (scalar).
     constrain: optional ``f(x) -> x`` applied to the batch-leading activations (hidden
     states, logits): the trainer passes a sharding constraint (batch over data x fsdp).
+    run_llm False (tower pretraining, ``objective.ce_loss_weight = 0``): only the vision
+    tower, the projector and the cell objective run; every LLM sum is zero, the policy None.
     """
     sc = cfg.sparse
     dt = M.compute_dtype(cfg)
@@ -250,15 +256,20 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     cells = batch.get("cell_targets")
     cell_sum = (cell_nll(params, feats, cells, image_start, cell_per_token) if cells is not None
                 else jnp.zeros((b,), jnp.float32))
-    cons = constrain if constrain is not None else (lambda a: a)
-    x = cons(M.embed_inputs(params, cfg, tokens, feats, image_start))
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-
     zeros_B = jnp.zeros((b,), jnp.float32)
     out = {"img_sq": zeros_B, "img_kept": zeros_B, "has_img": zeros_B,
            "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B,
            "attn_sum": zeros_B, "attn_mass": zeros_B, "pair_sum": zeros_B,
-           "pair_mass": zeros_B, "choice_sum": zeros_B, "choice_mass": zeros_B}
+           "pair_mass": zeros_B, "choice_sum": zeros_B, "choice_mass": zeros_B,
+           "cell_sum": cell_sum}
+    if not run_llm:
+        _, w = scored_targets(labels)
+        out.update(ce_sum=zeros_B, ce_w=zeros_B, tokens=w.sum(1).astype(jnp.float32))
+        return out, None
+    cons = constrain if constrain is not None else (lambda a: a)
+    x = cons(M.embed_inputs(params, cfg, tokens, feats, image_start))
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+
     sparse = sparsifies(cfg)
     turns, ckeys = batch.get("turn_cells"), batch.get("choice_keys")
     pairs = batch.get("pair_cells")
@@ -319,7 +330,6 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     if cw is None:
         cw = jnp.full((b,), 1.0, jnp.float32) / jnp.maximum(out["tokens"].sum(), 1.0)
     out["ce_w"] = out["ce_sum"] * cw
-    out["cell_sum"] = cell_sum
     return out, policy
 
 
@@ -555,14 +565,14 @@ def cell_nll(params, feats_BNH, targets_BCK, image_start_B, per_token: bool = Fa
 
 def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
             attention_weight: float = 0.0, choice_weight: float = 0.0,
-            pair_weight: float = 0.0) -> tuple[jax.Array, dict]:
+            pair_weight: float = 0.0, ce_weight: float = 1.0) -> tuple[jax.Array, dict]:
     """Loss and metrics from per-sample sums (already summed over micro-batches or not)."""
     s = {k: jnp.sum(v) for k, v in sums.items()}
     ce = s["ce_w"]
     l_img = s["img_sq"] / denom["img"]
     l_txt = s["txt_sq"] / denom["txt"]
     w = cfg.sparse.mask_loss_weight
-    loss = ce + w * (l_img + l_txt)
+    loss = (ce if ce_weight == 1.0 else ce_weight * ce) + w * (l_img + l_txt)
     metrics = {
         "loss": loss, "ce": ce,
         "img_ratio_loss": w * l_img, "txt_ratio_loss": w * l_txt,
@@ -595,8 +605,10 @@ def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "no
             ce_chunk: int = 0, cell_weight: float = 0.0, cell_per_token: bool = False,
             attention_weight: float = 0.0, attention_grid: int = 0, attention_layer: int = 1,
             attention_head: int = 0, attention_target: str = "mass", choice_weight: float = 0.0,
-            choice_layer: int = 2, choice_head: int = 1, pair_weight: float = 0.0):
-    """Whole-batch loss (no micro-batching): (loss, metrics)."""
+            choice_layer: int = 2, choice_head: int = 1, pair_weight: float = 0.0,
+            ce_weight: float = 1.0):
+    """Whole-batch loss (no micro-batching): (loss, metrics). ce_weight 0: the LLM is not
+    run (tower pretraining: the cell objective alone)."""
     if denom is None:
         denom = loss_denominators(batch, cfg, text_ratio_mean)
     batch = dict(batch, ce_weight=ce_weights(batch["labels"], ce_group_size))
@@ -604,5 +616,6 @@ def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "no
                             cell_per_token=cell_per_token, attention_grid=attention_grid,
                             attention_layer=attention_layer, attention_head=attention_head,
                             attention_target=attention_target, choice_layer=choice_layer,
-                            choice_head=choice_head)
-    return combine(sums, denom, cfg, cell_weight, attention_weight, choice_weight, pair_weight)
+                            choice_head=choice_head, run_llm=bool(ce_weight))
+    return combine(sums, denom, cfg, cell_weight, attention_weight, choice_weight, pair_weight,
+                   ce_weight)

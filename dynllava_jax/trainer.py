@@ -76,6 +76,7 @@ class StepConfig:
     text_ratio_mean: str = "all"
     ce_group_size: int = 0
     ce_chunk: int = 0
+    ce_loss_weight: float = 1.0
     cell_loss_weight: float = 0.0
     cell_per_token: bool = False
     attention_loss_weight: float = 0.0
@@ -117,9 +118,10 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
                                       attention_layer=sc.attention_layer,
                                       attention_head=sc.attention_head,
                                       attention_target=sc.attention_target,
-                                      choice_layer=sc.choice_layer, choice_head=sc.choice_head)
+                                      choice_layer=sc.choice_layer, choice_head=sc.choice_head,
+                                      run_llm=bool(sc.ce_loss_weight))
             loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
-                                sc.choice_loss_weight, sc.pair_loss_weight)
+                                sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight)
             return loss, jax.tree_util.tree_map(jnp.sum, sums)
 
         grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -149,7 +151,7 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             (grads, sums), _ = jax.lax.scan(body, (g0, s0), mbs)
             grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.params)
         _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
-                               sc.choice_loss_weight, sc.pair_loss_weight)
+                               sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(
@@ -485,6 +487,7 @@ class Trainer:
             text_ratio_mean=config.objective.text_ratio_mean,
             ce_group_size=int(config.objective.ce_group_size),
             ce_chunk=int(config.objective.get("ce_chunk", 0)),
+            ce_loss_weight=float(config.objective.get("ce_loss_weight", 1.0)),
             cell_loss_weight=float(config.objective.get("cell_loss_weight", 0.0)),
             cell_per_token=bool(config.objective.get("cell_per_token", False)),
             attention_loss_weight=float(config.objective.get("attention_loss_weight", 0.0)),
@@ -506,6 +509,25 @@ class Trainer:
         self._compile_step()
 
     # -- setup ---------------------------------------------------------------------------
+    def _check_tower_pretraining(self):
+        """objective.ce_loss_weight 0 skips the LLM: only a loss that does not read it may be
+        on (the cell objective), and something must be trained."""
+        sc = self.step_config
+        if sc.ce_loss_weight < 0:
+            raise ValueError(f"objective.ce_loss_weight must be >= 0, not {sc.ce_loss_weight}")
+        if sc.ce_loss_weight:
+            return
+        on = [k for k in ("attention_loss_weight", "pair_loss_weight", "choice_loss_weight")
+              if getattr(sc, k)]
+        if O.sparsifies(self.cfg):
+            on.append("the predictors (sparse.use_vision_predictor / use_output_text_predictor)")
+        if on:
+            raise ValueError("objective.ce_loss_weight = 0 runs no LLM (tower pretraining), "
+                             f"but these read it: {', '.join(on)}")
+        if not sc.cell_loss_weight:
+            raise ValueError("objective.ce_loss_weight = 0 leaves nothing to train: set "
+                             "objective.cell_loss_weight > 0 (tower pretraining)")
+
     def _check_cells(self):
         """The cell objective needs cell labels from the JSON pipeline and a grid that tiles
         the image tokens."""
@@ -514,6 +536,7 @@ class Trainer:
         if self.step_config.cell_loss_weight and not g:
             raise ValueError("objective.cell_loss_weight needs data.cell_grid > 0 (records "
                              "with cell_text)")
+        self._check_tower_pretraining()
         if g and c.train.data != "pipeline":
             raise ValueError("data.cell_grid needs train.data='pipeline'")
         side = v.image_size // v.patch_size

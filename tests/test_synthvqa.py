@@ -300,6 +300,41 @@ def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
                   tmp_path / "bad", progress=False)
 
 
+def test_tower_pretraining_runs_no_llm(tmp_path, data, small_ckpt):
+    """objective.ce_loss_weight = 0 (stage 0 of the SynthVQA recipe): the loss is the cell
+    objective alone, the tower and projector learn, the LLM is untouched but for the input
+    embeddings the cell objective scores against (no weight decay here, so its other weights
+    stay bit-identical), and configs whose terms read the LLM, or that
+    leave nothing to train, are refused."""
+    import jax
+    from dynllava_jax import trainer as T
+    over = {"objective.ce_loss_weight": 0.0, "objective.cell_loss_weight": 0.5,
+            "objective.attention_loss_weight": 0.0, "data.attention_turns": 0,
+            "optim.weight_decay": 0.0}
+    tr = T.Trainer(_small_run_config(data, small_ckpt, **over), tmp_path / "run",
+                   progress=False)
+    before = jax.tree_util.tree_map(np.asarray, tr.state.all_params())
+    tr.run()
+    after = jax.tree_util.tree_map(np.asarray, tr.state.all_params())
+    tr.close()
+    for row in T.read_metrics(tmp_path / "run"):
+        assert row["ce"] == 0 and 0 < row["cell_loss"] < 10
+        assert row["loss"] == pytest.approx(0.5 * row["cell_loss"], rel=1e-6)
+    same = jax.tree_util.tree_map(np.array_equal, before, after)
+    assert not same["llm"].pop("embed_tokens")["embedding"]
+    assert all(jax.tree_util.tree_leaves(same["llm"]))
+    assert not any(jax.tree_util.tree_leaves(same["vision"]))
+    assert not all(jax.tree_util.tree_leaves(same["projector"]))
+    for bad, match in (("objective.attention_loss_weight=1.0", "attention_loss_weight"),
+                       ("objective.cell_loss_weight=0.0", "nothing to train"),
+                       ("sparse.use_vision_predictor=True", "predictors"),
+                       ("objective.ce_loss_weight=-1.0", ">= 0")):
+        more = (bad, "data.attention_turns=8") if "attention" in bad else (bad,)
+        with pytest.raises(ValueError, match=match):
+            T.Trainer(_small_run_config(data, small_ckpt, *more, **over), tmp_path / "bad",
+                      progress=False)
+
+
 def _named_cell(question: str, answer: str, scene) -> int:
     """The grid cell of the one object a question names (-1: none, or two)."""
     q = question.split("\n")[0]
