@@ -2,8 +2,8 @@
 """Training curves (loss, CE, the cell and attention objectives, kept fractions, attention mass)
 of one or more consecutive runs.
 
-    python scripts/plot_training.py runs/synthvqa_dense runs/synthvqa_dynamic \\
-        --out assets/synthvqa-dynamic-llava/training.png
+    python scripts/plot_training.py runs/synthvqa_tower runs/synthvqa_dense \\
+        runs/synthvqa_dynamic --out assets/synthvqa-dynamic-llava/training.png
 
 Each WORKDIR's metrics.jsonl is read; a later run's steps continue after the earlier
 run's last step, so a two-stage recipe reads as one curve.
@@ -32,7 +32,8 @@ def plot(workdirs, out: Path) -> Path:
         x = [offset + r["step"] for r in rows]
         name = Path(wd).name
         ax[0].plot(x, [r["loss"] for r in rows], label=f"{name}: loss")
-        ax[0].plot(x, [r["ce"] for r in rows], "--", label=f"{name}: CE")
+        if any(r["ce"] > 0 for r in rows):   # 0 throughout in tower pretraining
+            ax[0].plot(x, [r["ce"] for r in rows], "--", label=f"{name}: CE")
         if "cell_loss" in rows[0]:
             ax[0].plot(x, [r["cell_loss"] for r in rows], ":", label=f"{name}: cell loss")
         if "attn_loss" in rows[0]:
