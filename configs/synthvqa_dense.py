@@ -1,9 +1,13 @@
 """SynthVQA stage 1: the dense model (vision tower, projector, LLM) from random weights.
 
     python -m dynllava_jax.data.synthvqa --out data/synthvqa          # data + tokenizer
-    python train.py --config configs/synthvqa_dense.py --workdir runs/synthvqa_dense
+    python train.py --config configs/synthvqa_tower.py --workdir runs/synthvqa_tower
+    python train.py --config configs/synthvqa_dense.py --workdir runs/synthvqa_dense \
+        --init-from runs/synthvqa_tower/export
 
-The predictors exist (random) but are off: every image and answer token is kept.
+The predictors exist (random) but are off: every image and answer token is kept. Without
+--init-from it starts from random weights (the recipe without stage 0, the tower
+pretraining of configs/synthvqa_tower.py).
 Stage 2 (configs/synthvqa_dynamic.py) starts from WORKDIR/export.
 """
 
