@@ -572,7 +572,7 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
     l_img = s["img_sq"] / denom["img"]
     l_txt = s["txt_sq"] / denom["txt"]
     w = cfg.sparse.mask_loss_weight
-    loss = (ce if ce_weight == 1.0 else ce_weight * ce) + w * (l_img + l_txt)
+    loss = ce_weight * ce + w * (l_img + l_txt)   # x * 1.0 is exact: default unchanged
     metrics = {
         "loss": loss, "ce": ce,
         "img_ratio_loss": w * l_img, "txt_ratio_loss": w * l_txt,

@@ -499,6 +499,7 @@ class Trainer:
             pair_loss_weight=float(config.objective.get("pair_loss_weight", 0.0)),
             choice_layer=int(config.objective.get("choice_layer", 2)),
             choice_head=int(config.objective.get("choice_head", 1)))
+        self._check_tower_pretraining()
         self._check_cells()
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
@@ -536,7 +537,6 @@ class Trainer:
         if self.step_config.cell_loss_weight and not g:
             raise ValueError("objective.cell_loss_weight needs data.cell_grid > 0 (records "
                              "with cell_text)")
-        self._check_tower_pretraining()
         if g and c.train.data != "pipeline":
             raise ValueError("data.cell_grid needs train.data='pipeline'")
         side = v.image_size // v.patch_size
