@@ -73,6 +73,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.choice_loss_weight = 0.0
     c.objective.choice_layer = 2
     c.objective.choice_head = 1
+    # > 0: add the letter objective (needs data.choice_targets): head `letter_head` of layer
+    # `letter_layer`, at each option's text, is taught to attend to that option's letter
+    # (so that the choice head finds the letter to copy there)
+    c.objective.letter_loss_weight = 0.0
+    c.objective.letter_layer = 0
+    c.objective.letter_head = 0
+    # > 0 (needs data.choice_targets): the choice head's own output, read through the final
+    # norm and the LM head, is taught to predict the letter (it writes what it reads)
+    c.objective.copy_loss_weight = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-6                  # LLM (+ projector)

@@ -92,6 +92,22 @@ tokens of that option's text:
 
   loss += w * sum_{marked queries} -log(max(mass on the option's tokens, 1e-6))
             / #(marked queries in the global batch)
+
+With ``objective.copy_loss_weight`` w > 0 (same batches), that head's own output there (its
+attention-weighted values through its rows of ``o_proj``), read through the final norm and
+the LM head alone, should predict the letter, so that what it reads is what it writes:
+
+  loss += w * sum_{marked queries} -log softmax(lm_head(norm(head output)))[letter]
+            / #(marked queries in the global batch)
+
+What that head reads there must hold the letter to copy, which is written 2-3 tokens before
+the option's text. Optional letter objective (``objective.letter_loss_weight`` w > 0, with
+batches that carry ``option_letters [B, T]``, also from ``data.choice_targets``): at every
+option's text, head ``letter_head`` of layer ``letter_layer`` should attend to the option's
+letter:
+
+  loss += w * sum_{option text tokens} -log(max(p(letter token), 1e-6))
+            / #(option text tokens in the global batch)
 """
 
 from __future__ import annotations
@@ -177,8 +193,12 @@ def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all
     ckeys = batch.get("choice_keys")
     n_choice = (jnp.float32(0.0) if ckeys is None else
                 (choice_queries(batch["labels"], ckeys) >= 0).sum().astype(jnp.float32))
+    letters = batch.get("option_letters")
+    n_letter = (jnp.float32(0.0) if letters is None else
+                (letters >= 0).sum().astype(jnp.float32))
     return {
         "attn": jnp.maximum(n_attn, one),
+        "letter": jnp.maximum(n_letter, one),
         "choice": jnp.maximum(n_choice, one),
         "pair": jnp.maximum(n_pair, one),
         "cells": jnp.maximum(n_cells, one),
@@ -225,7 +245,7 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
                   constrain=None, ce_chunk: int = 0, cell_per_token: bool = False,
                   attention_grid: int = 0, attention_layer: int = 1, attention_head: int = 0,
                   attention_target: str = "mass", choice_layer: int = 2, choice_head: int = 1,
-                  run_llm: bool = True):
+                  letter_layer: int = 0, letter_head: int = 0, run_llm: bool = True):
     """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
 
     batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
@@ -235,8 +255,9 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     turn_cells [B,R] (attention objective, over an ``attention_grid`` grid: head
     ``attention_head`` of layer ``attention_layer``), optional pair_cells [B,R,2] (with
     turn_cells: heads ``attention_head`` and ``attention_head + 1``), optional choice_keys
-    [B,T] (choice objective: head ``choice_head`` of layer ``choice_layer``). rng: the step's key; tau:
-    Gumbel temperature (scalar).
+    [B,T] (choice objective: head ``choice_head`` of layer ``choice_layer``), optional
+    option_letters [B,T] (letter objective: head ``letter_head`` of layer ``letter_layer``).
+    rng: the step's key; tau: Gumbel temperature (scalar).
     constrain: optional ``f(x) -> x`` applied to the batch-leading activations (hidden
     states, logits): the trainer passes a sharding constraint (batch over data x fsdp).
     run_llm False (tower pretraining, ``objective.ce_loss_weight = 0``): only the vision
@@ -261,6 +282,7 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
            "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B,
            "attn_sum": zeros_B, "attn_mass": zeros_B, "pair_sum": zeros_B,
            "pair_mass": zeros_B, "choice_sum": zeros_B, "choice_mass": zeros_B,
+           "letter_sum": zeros_B, "letter_mass": zeros_B, "copy_sum": zeros_B,
            "cell_sum": cell_sum}
     if not run_llm:
         _, w = scored_targets(labels)
@@ -284,12 +306,16 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
                              "(data.cell_grid > 0)")
     if ckeys is not None:
         check_choice_options(cfg, choice_layer, choice_head)
+    letters = batch.get("option_letters")
+    if letters is not None:
+        check_choice_options(cfg, letter_layer, letter_head, "letter")
     # The stack runs in segments: at each layer below where a term reads the hidden states
     # entering it, the term is computed, then the rest runs as without it.
     stops = {cfg.llm.num_layers}
     stops |= {attention_layer} if turns is not None else set()
     stops |= {sc.sparse_layer} if sparse else set()
     stops |= {choice_layer} if ckeys is not None else set()
+    stops |= {letter_layer} if letters is not None else set()
     rest, at, policy = params["llm"]["layers"], 0, None
     for stop in sorted(stops):
         if stop > at:
@@ -317,10 +343,17 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
             out.update(dec)
         if ckeys is not None and stop == choice_layer:
             rank_BT = choice_queries(labels, ckeys)
-            c_sum, c_mass = choice_nll(layer_at(rest, 0), cfg, x, positions, lengths, rank_BT,
-                                       ckeys, choice_head,
+            c_sum, c_mass, head_out = choice_nll(
+                layer_at(rest, 0), cfg, x, positions, lengths, rank_BT, ckeys, choice_head,
+                None if policy is None else jax.lax.stop_gradient(policy))
+            copy_nll = token_nll(params, cfg, head_out, scored_targets(labels)[0])
+            out.update(choice_sum=c_sum, choice_mass=c_mass,
+                       copy_sum=jnp.where(rank_BT >= 0, copy_nll, 0.0).sum(1))
+        if letters is not None and stop == letter_layer:
+            l_sum, l_mass = letter_nll(layer_at(rest, 0), cfg, x, positions, lengths, letters,
+                                       letter_head,
                                        None if policy is None else jax.lax.stop_gradient(policy))
-            out.update(choice_sum=c_sum, choice_mass=c_mass)
+            out.update(letter_sum=l_sum, letter_mass=l_mass)
 
     tgt, w = scored_targets(labels)
     nll = token_nll(params, cfg, x, tgt, ce_chunk, constrain)
@@ -397,14 +430,15 @@ def check_attention_options(cfg: ModelConfig, layer: int, head: int, target: str
                          f"not {target!r}")
 
 
-def check_choice_options(cfg: ModelConfig, layer: int, head: int) -> None:
-    """Raise ValueError unless the choice objective can read head `head` of layer `layer`
-    (any layer: at or past the sparse layer the term sees that layer's MaskedSoftmax)."""
+def check_choice_options(cfg: ModelConfig, layer: int, head: int, name: str = "choice") -> None:
+    """Raise ValueError unless the choice (or letter: `name`) objective can read head `head`
+    of layer `layer` (any layer: at or past the sparse layer the term sees that layer's
+    MaskedSoftmax)."""
     if not 0 <= layer < cfg.llm.num_layers:
-        raise ValueError(f"objective.choice_layer {layer} is not a layer of the "
+        raise ValueError(f"objective.{name}_layer {layer} is not a layer of the "
                          f"{cfg.llm.num_layers}-layer LLM")
     if not 0 <= head < cfg.llm.num_heads:
-        raise ValueError(f"objective.choice_head {head} is not one of the "
+        raise ValueError(f"objective.{name}_head {head} is not one of the "
                          f"{cfg.llm.num_heads} heads")
 
 
@@ -507,17 +541,40 @@ def choice_queries(labels_BT, choice_keys_BT):
 
 def choice_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, rank_BT,
                choice_keys_BT, head: int = 1, policy_BT=None):
-    """Per-sample sums [B] of the choice objective's NLL, -log(mass), and of the mass: the
-    attention of query head `head` of the decoder layer `layer_p` (with `policy_BT`, the
-    training MaskedSoftmax that layer computes), at each position where ``rank_BT >= 0``,
-    summed over the keys where ``choice_keys_BT`` equals that rank."""
+    """(per-sample sums [B] of the choice objective's NLL, -log(mass), and of the mass, and
+    the head's output [B, T, H]): the attention of query head `head` of the decoder layer
+    `layer_p` (with `policy_BT`, the training MaskedSoftmax that layer computes), at each
+    position where ``rank_BT >= 0``, summed over the keys where ``choice_keys_BT`` equals
+    that rank; the output is what the head adds to the residual stream (its attention-
+    weighted values through its rows of ``o_proj``; the copy term reads it)."""
     s, visible = head_scores(layer_p, cfg, x_BTH, positions_BT, lengths_B, head)
     p = masked_softmax(s, visible, policy_BT)
     marked = rank_BT >= 0
     on = (choice_keys_BT[:, None, :] == rank_BT[:, :, None]) & marked[:, :, None]
     mass = jnp.where(on, p, 0.0).sum(-1)
     nll = jnp.where(marked, -jnp.log(jnp.maximum(mass, 1e-6)), 0.0).sum(1)
-    return nll, jnp.where(marked, mass, 0.0).sum(1)
+    c = cfg.llm
+    d = c.head_dim
+    kvh = head // (c.num_heads // c.num_kv_heads)
+    h = RMSNorm(c.rms_norm_eps, x_BTH.dtype).apply({"params": layer_p["input_norm"]}, x_BTH)
+    v = h @ layer_p["v_proj"]["kernel"][:, kvh * d:(kvh + 1) * d].astype(h.dtype)
+    o = jnp.einsum("bts,bsd->btd", p.astype(v.dtype), v)
+    out = o @ layer_p["o_proj"]["kernel"][head * d:(head + 1) * d].astype(o.dtype)
+    return nll, jnp.where(marked, mass, 0.0).sum(1), out
+
+
+def letter_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, letters_BT,
+               head: int = 0, policy_BT=None):
+    """Per-sample sums [B] of the letter objective's NLL, -log p(letter), and of p(letter):
+    the attention of query head `head` of the decoder layer `layer_p` (with `policy_BT`, the
+    training MaskedSoftmax that layer computes) at each option-text token (``letters_BT >=
+    0``) on the token ``letters_BT`` names, its option's letter."""
+    s, visible = head_scores(layer_p, cfg, x_BTH, positions_BT, lengths_B, head)
+    p = masked_softmax(s, visible, policy_BT)
+    marked = letters_BT >= 0
+    on = jnp.take_along_axis(p, jnp.maximum(letters_BT, 0)[:, :, None], axis=-1)[:, :, 0]
+    nll = jnp.where(marked, -jnp.log(jnp.maximum(on, 1e-6)), 0.0).sum(1)
+    return nll, jnp.where(marked, on, 0.0).sum(1)
 
 
 def cell_means(feats_BNH, grid: int):
@@ -565,7 +622,8 @@ def cell_nll(params, feats_BNH, targets_BCK, image_start_B, per_token: bool = Fa
 
 def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
             attention_weight: float = 0.0, choice_weight: float = 0.0,
-            pair_weight: float = 0.0, ce_weight: float = 1.0) -> tuple[jax.Array, dict]:
+            pair_weight: float = 0.0, ce_weight: float = 1.0,
+            letter_weight: float = 0.0, copy_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """Loss and metrics from per-sample sums (already summed over micro-batches or not)."""
     s = {k: jnp.sum(v) for k, v in sums.items()}
     ce = s["ce_w"]
@@ -597,6 +655,15 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
         loss = loss + choice_weight * l_choice
         metrics.update(loss=loss, choice_loss=l_choice,
                        choice_mass=s["choice_mass"] / denom["choice"])
+    if letter_weight:
+        l_letter = s["letter_sum"] / denom["letter"]
+        loss = loss + letter_weight * l_letter
+        metrics.update(loss=loss, letter_loss=l_letter,
+                       letter_mass=s["letter_mass"] / denom["letter"])
+    if copy_weight:
+        l_copy = s["copy_sum"] / denom["choice"]
+        loss = loss + copy_weight * l_copy
+        metrics.update(loss=loss, copy_loss=l_copy)
     return loss, metrics
 
 
@@ -606,7 +673,8 @@ def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "no
             attention_weight: float = 0.0, attention_grid: int = 0, attention_layer: int = 1,
             attention_head: int = 0, attention_target: str = "mass", choice_weight: float = 0.0,
             choice_layer: int = 2, choice_head: int = 1, pair_weight: float = 0.0,
-            ce_weight: float = 1.0):
+            ce_weight: float = 1.0, letter_weight: float = 0.0, letter_layer: int = 0,
+            letter_head: int = 0, copy_weight: float = 0.0):
     """Whole-batch loss (no micro-batching): (loss, metrics). ce_weight 0: the LLM is not
     run (tower pretraining: the cell objective alone)."""
     if denom is None:
@@ -616,6 +684,7 @@ def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "no
                             cell_per_token=cell_per_token, attention_grid=attention_grid,
                             attention_layer=attention_layer, attention_head=attention_head,
                             attention_target=attention_target, choice_layer=choice_layer,
-                            choice_head=choice_head, run_llm=bool(ce_weight))
+                            choice_head=choice_head, letter_layer=letter_layer,
+                            letter_head=letter_head, run_llm=bool(ce_weight))
     return combine(sums, denom, cfg, cell_weight, attention_weight, choice_weight, pair_weight,
-                   ce_weight)
+                   ce_weight, letter_weight, copy_weight)

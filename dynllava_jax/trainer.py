@@ -88,6 +88,10 @@ class StepConfig:
     choice_loss_weight: float = 0.0
     choice_layer: int = 2
     choice_head: int = 1
+    letter_loss_weight: float = 0.0
+    letter_layer: int = 0
+    letter_head: int = 0
+    copy_loss_weight: float = 0.0
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
@@ -119,9 +123,11 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
                                       attention_head=sc.attention_head,
                                       attention_target=sc.attention_target,
                                       choice_layer=sc.choice_layer, choice_head=sc.choice_head,
+                                      letter_layer=sc.letter_layer, letter_head=sc.letter_head,
                                       run_llm=bool(sc.ce_loss_weight))
             loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
-                                sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight)
+                                sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight,
+                                sc.letter_loss_weight, sc.copy_loss_weight)
             return loss, jax.tree_util.tree_map(jnp.sum, sums)
 
         grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -147,11 +153,13 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             s0 = {k: jnp.zeros((), jnp.float32) for k in
                   ("img_sq", "img_kept", "has_img", "txt_sq", "txt_kept", "txt_long",
                    "ce_sum", "tokens", "ce_w", "cell_sum", "attn_sum", "attn_mass",
-                   "choice_sum", "choice_mass", "pair_sum", "pair_mass")}
+                   "choice_sum", "choice_mass", "pair_sum", "pair_mass", "letter_sum",
+                   "letter_mass", "copy_sum")}
             (grads, sums), _ = jax.lax.scan(body, (g0, s0), mbs)
             grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.params)
         _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
-                               sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight)
+                               sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight,
+                               sc.letter_loss_weight, sc.copy_loss_weight)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(
@@ -408,6 +416,9 @@ def format_metrics(step: int, m: dict) -> str:
                if "pair_loss" in m else "")
             + (f"choice_loss {f('choice_loss')} choice_mass {f('choice_mass', '{:.3f}')} "
                if "choice_loss" in m else "")
+            + (f"letter_loss {f('letter_loss')} letter_mass {f('letter_mass', '{:.3f}')} "
+               if "letter_loss" in m else "")
+            + (f"copy_loss {f('copy_loss')} " if "copy_loss" in m else "")
             + f"img_kept {f('img_kept', '{:.3f}')} "
             f"txt_kept {f('txt_kept', '{:.3f}')} tau {f('tau', '{:.3f}')} "
             f"lr {f('lr', '{:.2e}')} pred_lr {f('predictor_lr', '{:.2e}')} "
@@ -498,7 +509,11 @@ class Trainer:
             choice_loss_weight=float(config.objective.get("choice_loss_weight", 0.0)),
             pair_loss_weight=float(config.objective.get("pair_loss_weight", 0.0)),
             choice_layer=int(config.objective.get("choice_layer", 2)),
-            choice_head=int(config.objective.get("choice_head", 1)))
+            choice_head=int(config.objective.get("choice_head", 1)),
+            letter_loss_weight=float(config.objective.get("letter_loss_weight", 0.0)),
+            letter_layer=int(config.objective.get("letter_layer", 0)),
+            letter_head=int(config.objective.get("letter_head", 0)),
+            copy_loss_weight=float(config.objective.get("copy_loss_weight", 0.0)))
         self._check_tower_pretraining()
         self._check_cells()
         ck = config.checkpoint
@@ -518,8 +533,8 @@ class Trainer:
             raise ValueError(f"objective.ce_loss_weight must be >= 0, not {sc.ce_loss_weight}")
         if sc.ce_loss_weight:
             return
-        on = [k for k in ("attention_loss_weight", "pair_loss_weight", "choice_loss_weight")
-              if getattr(sc, k)]
+        on = [k for k in ("attention_loss_weight", "pair_loss_weight", "choice_loss_weight",
+                          "letter_loss_weight", "copy_loss_weight") if getattr(sc, k)]
         if O.sparsifies(self.cfg):
             on.append("the predictors (sparse.use_vision_predictor / use_output_text_predictor)")
         if on:
@@ -565,12 +580,14 @@ class Trainer:
             O.check_attention_options(self.cfg, sc.attention_layer, sc.attention_head + 1,
                                       sc.attention_target)
         self.choice_targets = ch = bool(c.data.get("choice_targets", False))
-        if sc.choice_loss_weight and not ch:
-            raise ValueError("objective.choice_loss_weight needs data.choice_targets = True")
+        for k in ("choice_loss_weight", "letter_loss_weight", "copy_loss_weight"):
+            if getattr(sc, k) and not ch:
+                raise ValueError(f"objective.{k} needs data.choice_targets = True")
         if ch and c.train.data != "pipeline":
             raise ValueError("data.choice_targets needs train.data='pipeline'")
         if ch:
             O.check_choice_options(self.cfg, sc.choice_layer, sc.choice_head)
+            O.check_choice_options(self.cfg, sc.letter_layer, sc.letter_head, "letter")
 
     def _setup_model_config(self):
         from .checkpoint import load_config
@@ -818,6 +835,7 @@ class Trainer:
                 example["pair_cells"] = np.zeros((1, 1, 1), np.int32)
             if self.choice_targets:
                 example["choice_keys"] = np.zeros((1, 1), np.int32)
+                example["option_letters"] = np.zeros((1, 1), np.int32)
             fn = jit_train_step(step_fn, self.shardings, S.batch_shardings(example, self.mesh),
                                 self.mesh)
             _STEP_CACHE[key] = fn
@@ -829,7 +847,7 @@ class Trainer:
             ("cell_targets",) if self.cell_grid else ()) + (
             ("turn_cells",) if self.attention_turns else ()) + (
             ("pair_cells",) if self.attention_pairs else ()) + (
-            ("choice_keys",) if self.choice_targets else ())
+            ("choice_keys", "option_letters") if self.choice_targets else ())
         return S.host_local_to_global({k: host_batch[k] for k in keys}, self.mesh,
                                       self.global_batch)
 

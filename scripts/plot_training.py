@@ -47,6 +47,9 @@ def plot(workdirs, out: Path) -> Path:
             ax[0].plot(x, [r["choice_loss"] for r in rows], lw=0.6, label=f"{name}: choice loss")
             ax[1].plot(x, [r["choice_mass"] for r in rows], lw=0.6, alpha=0.7,
                        label=f"{name}: attention mass on the chosen option")
+        if "letter_loss" in rows[0]:
+            ax[1].plot(x, [r["letter_mass"] for r in rows], lw=0.6, alpha=0.7,
+                       label=f"{name}: attention on an option's letter")
         if any(r.get("img_kept", 0) > 0 for r in rows):
             ax[1].plot(x, [r["img_kept"] for r in rows], label=f"{name}: image tokens kept")
             ax[1].plot(x, [r["txt_kept"] for r in rows], label=f"{name}: long-answer tokens kept")

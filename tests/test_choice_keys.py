@@ -3,7 +3,7 @@ token texts (no tokenizer)."""
 
 import numpy as np
 
-from dynllava_jax.data.choice_keys import answer_runs, choice_keys, option_span
+from dynllava_jax.data.choice_keys import answer_runs, choice_keys, option_letters, option_span
 
 I = -100
 
@@ -41,3 +41,17 @@ def test_option_span_needs_exactly_one_line_for_the_letter():
     assert option_span("Q?\nA. cat\nA. dog\n", "A") is None
     assert option_span("Q?\nA. cat\n", "D") is None
     assert option_span("A. cat", "A") == (3, 6)
+
+
+def test_option_letters_point_every_options_text_at_its_letter():
+    q1 = ["Which", " colour", "?", "\n", "A", ".", " gre", "en", "\n", "B", ".", " red", "\n",
+          "Answer", "."]
+    q2 = ["\n", "C. 4", "\n", "D", ".", " ", "5", "\n", "Answer", " ASSISTANT:"]  # C: one token
+    texts, labels = _example([(q1, ["\n", "A", ".", " x"]), (q2, [" D", ""])])
+    got = option_letters(texts, labels)
+    want = np.full(len(texts), -1)
+    want[[6, 7]] = 4                       # " gre", "en" -> "A"
+    want[11] = 9                           # " red" -> "B"
+    s2 = len(q1) + 4
+    want[s2 + 6] = s2 + 3                  # "5" -> "D"; the answer's "A. x" is not a prompt
+    np.testing.assert_array_equal(got, want)

@@ -458,7 +458,9 @@ def test_attention_objective_matches_naive_formula(tiny, batch):
 def test_choice_objective_matches_naive_formula(tiny, batch):
     """objective.choice_loss_weight: -log of the attention mass that one head of a layer past
     the sparse layer (its MaskedSoftmax under the step's decisions) puts on the marked option
-    tokens, at the first prediction of the answer they belong to; the rest is unchanged."""
+    tokens, at the first prediction of the answer they belong to; copy_loss_weight: the NLL
+    of the answer's first token from that head's output alone through the final norm and the
+    LM head; the rest is unchanged."""
     from dynllava_jax.data.choice_keys import answer_runs
     cfg, params = tiny
     layer, head, w = cfg.sparse.sparse_layer + 1, 2, 0.3
@@ -495,12 +497,13 @@ def test_choice_objective_matches_naive_formula(tiny, batch):
                        n_len, policy=policy)
     x, pol = np.asarray(x, np.float64), np.asarray(policy, np.float64)
     d, kvh = c.head_dim, head // (c.num_heads // c.num_kv_heads)
-    tot, n = 0.0, 0
+    tot, n, copy = 0.0, 0, 0.0
     for b in range(6):
         h = x[b] / np.sqrt((x[b] ** 2).mean(-1, keepdims=True) + c.rms_norm_eps)
         h = h * lp["input_norm"]["scale"]
         q = _rope(h @ lp["q_proj"]["kernel"][:, head * d:(head + 1) * d], np.arange(t), c.rope_theta)
         k = _rope(h @ lp["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d], np.arange(t), c.rope_theta)
+        v = h @ lp["v_proj"]["kernel"][:, kvh * d:(kvh + 1) * d]
         for r, (s, e) in enumerate(answer_runs(batch["labels"][b])):
             qi = s - 1                           # the position predicting the answer's first token
             if not (keys[b] == r).any():
@@ -511,11 +514,19 @@ def test_choice_objective_matches_naive_formula(tiny, batch):
             a = np.where(vis, np.exp(sc - sc[vis].max()) * g, 0.0)
             p = (a + 1e-6 / t) / (a.sum() + 1e-6)
             tot, n = tot - np.log(max(p[keys[b] == r].sum(), 1e-6)), n + 1
+            out = p @ v @ lp["o_proj"]["kernel"][head * d:(head + 1) * d]
+            logits = np.asarray(M.lm_logits(params, cfg, jnp.asarray(out[None, None], jnp.float32)),
+                                np.float64)[0, 0]
+            m_ = logits.max()
+            copy += m_ + np.log(np.exp(logits - m_).sum()) - logits[batch["labels"][b, s]]
     assert n >= 4
     loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, choice_weight=w, **kw))(bt)
     loss0, _ = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau))(batch)
     np.testing.assert_allclose(float(m["choice_loss"]), tot / n, rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(loss0) + w * tot / n, rtol=1e-5)
+    loss_c, mc = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, copy_weight=0.5, **kw))(bt)
+    np.testing.assert_allclose(float(mc["copy_loss"]), copy / n, rtol=1e-4)
+    np.testing.assert_allclose(float(loss_c), float(loss0) + 0.5 * copy / n, rtol=1e-5)
     assert 0 < float(m["choice_mass"]) < 1
     assert float(O.loss_denominators(bt, cfg)["choice"]) == n
     with pytest.raises(ValueError, match="choice_layer"):
@@ -550,3 +561,51 @@ def test_pair_objective_is_two_heads_attention_objective(tiny, batch):
                                float((first["attn_sum"] + second["attn_sum"]).sum()) / n, rtol=1e-6)
     with pytest.raises(ValueError, match="attention_head"):
         O.forward_train(params, cfg, bt, rng, tau, attention_head=cfg.llm.num_heads - 1, **kw)
+
+
+def test_letter_objective_matches_naive_formula(tiny, batch):
+    """objective.letter_loss_weight: at every marked token, -log of the attention that one
+    head of a layer before the sparse layer puts on the token it names (its option's letter);
+    the rest is unchanged."""
+    cfg, params = tiny
+    layer, head, w = 0, 1, 0.4
+    letters = np.full(batch["labels"].shape, -1, np.int32)
+    rs = np.random.default_rng(5)
+    for b in range(6):
+        for q in rs.choice(np.arange(3, int(batch["lengths"][b])), 4, replace=False):
+            letters[b, q] = q - int(rs.integers(1, 4))
+    bt = dict(batch, option_letters=letters)
+    rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
+    kw = dict(letter_layer=layer, letter_head=head)
+    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, **kw))
+    sums, sums0 = fwd(bt)[0], fwd(batch)[0]
+    for k in ("ce_sum", "img_sq", "txt_sq", "img_kept", "txt_kept"):
+        np.testing.assert_allclose(sums[k], sums0[k], rtol=1e-5, atol=1e-7)
+
+    c = cfg.llm
+    lp = jax.tree_util.tree_map(lambda a: np.asarray(a[layer], np.float64), params["llm"]["layers"])
+    feats = M.image_features(params, cfg, jnp.asarray(batch["pixels"]))
+    x = np.asarray(M.embed_inputs(params, cfg, jnp.asarray(batch["tokens"]), feats,
+                                  jnp.asarray(batch["image_start"])), np.float64)
+    t, d = x.shape[1], c.head_dim
+    kvh = head // (c.num_heads // c.num_kv_heads)
+    tot, n = 0.0, 0
+    for b in range(6):
+        h = x[b] / np.sqrt((x[b] ** 2).mean(-1, keepdims=True) + c.rms_norm_eps)
+        h = h * lp["input_norm"]["scale"]
+        q = _rope(h @ lp["q_proj"]["kernel"][:, head * d:(head + 1) * d], np.arange(t), c.rope_theta)
+        k = _rope(h @ lp["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d], np.arange(t), c.rope_theta)
+        for qi in np.flatnonzero(letters[b] >= 0):
+            sc = q[qi] @ k.T / np.sqrt(d)
+            vis = np.arange(t) <= qi
+            p = np.where(vis, np.exp(sc - sc[vis].max()), 0.0)
+            tot, n = tot - np.log(max(p[letters[b, qi]] / p.sum(), 1e-6)), n + 1
+    assert n == 24
+    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, letter_weight=w, **kw))(bt)
+    loss0, _ = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau))(batch)
+    np.testing.assert_allclose(float(m["letter_loss"]), tot / n, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(loss0) + w * tot / n, rtol=1e-5)
+    assert 0 < float(m["letter_mass"]) < 1
+    assert float(O.loss_denominators(bt, cfg)["letter"]) == n
+    with pytest.raises(ValueError, match="letter_head"):
+        O.forward_train(params, cfg, bt, rng, tau, letter_head=c.num_heads)

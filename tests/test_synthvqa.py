@@ -433,13 +433,19 @@ def test_choice_keys_mark_the_chosen_option(data):
             else:
                 assert marked == ""
         assert (ex["choice_keys"][ex["lengths"]:] == -1).all()
+        # option_letters: every option's text points at its own letter's token
+        lines = [ln for q in conv[::2] for ln in q["value"].split("\n") if ln[1:3] == ". "]
+        pointed = [(texts[j], "".join(texts[i] for i in np.flatnonzero(ex["option_letters"] == j)))
+                   for j in np.unique(ex["option_letters"][ex["option_letters"] >= 0])]
+        assert [f"{a}. {o.strip()}" for a, o in pointed] == lines
     assert checked >= 5
     assert "choice_keys" not in encode_record(to_raw_record(rec, 0), **kw)
 
 
 def test_train_with_the_attention_and_choice_objectives(tmp_path, data, small_ckpt):
-    """train.py's attention (with pairs) and choice objectives on SynthVQA records: batches
-    carry turn_cells, pair_cells and choice_keys, the loss adds weight x each term, the
+    """train.py's attention (with pairs) and choice (with letter and copy) objectives on
+    SynthVQA records: batches carry turn_cells, pair_cells, choice_keys and option_letters,
+    the loss adds weight x each term, the
     masses are logged, and configs that cannot feed them (no turn_cells, pairs or choice
     keys, a head or layer past the LLM's) are refused."""
     from dynllava_jax import trainer as T
@@ -447,6 +453,7 @@ def test_train_with_the_attention_and_choice_objectives(tmp_path, data, small_ck
             "objective.attention_loss_weight": 0.5, "data.attention_pairs": True,
             "objective.pair_loss_weight": 0.125, "data.choice_targets": True,
             "objective.choice_loss_weight": 0.25, "objective.choice_layer": 2,
+            "objective.letter_loss_weight": 0.75, "objective.copy_loss_weight": 0.375,
             "train.global_batch_size": 4}
 
     def config(*more):
@@ -459,16 +466,21 @@ def test_train_with_the_attention_and_choice_objectives(tmp_path, data, small_ck
         assert 0 < row["attn_loss"] < 14 and 0 < row["attn_mass"] < 1
         assert row["loss"] == pytest.approx(
             row["ce"] + 0.5 * row["attn_loss"] + 0.125 * row["pair_loss"]
-            + 0.25 * row["choice_loss"], rel=1e-5)
+            + 0.25 * row["choice_loss"] + 0.75 * row["letter_loss"]
+            + 0.375 * row["copy_loss"], rel=1e-5)
         assert 0 <= row["choice_mass"] < 1 and 0 <= row["pair_mass"] < 1
+        assert 0 <= row["letter_mass"] < 1
     assert any(0 < row["choice_loss"] < 14 for row in rows)   # 4 records hold a choice
     assert any(0 < row["pair_loss"] < 14 for row in rows)     # and a position question
+    assert any(0 < row["letter_loss"] < 14 for row in rows)
+    assert any(row["copy_loss"] > 0 for row in rows)
     for bad, match in (("data.attention_turns=0", "attention_turns"),
                        ("objective.attention_layer=3", "attention_layer"),
                        ("data.choice_targets=False", "choice_targets"),
                        ("data.attention_pairs=False", "attention_pairs"),
                        ("objective.attention_head=1", "attention_head"),
                        ("objective.choice_layer=3", "choice_layer"),
+                       ("objective.letter_head=4", "letter_head"),
                        ("data.cell_grid=0", "cell_grid")):
         with pytest.raises(ValueError, match=match):
             T.Trainer(config(bad), tmp_path / "bad", progress=False)

@@ -5,8 +5,11 @@ A multiple-choice question in LLaVA's ScienceQA format lists its options one a l
 find the option whose text is the answer and copy the letter written before it: a lookup in
 the prompt's text. The choice objective (``objective.choice_loss_weight``) supervises it:
 where the LLM predicts the r-th answer, one head should attend to the text of the right
-option. This module finds that text in an encoded example, for any tokenizer: it works on
-the tokens' surface text, so ``"\\nA. green"`` is found however it was split into pieces.
+option; and (``objective.letter_loss_weight``) at each option's text, one head of a lower
+layer should attend to the option's letter, so that what the first head reads there holds
+the letter to copy. This module finds both in an encoded example, for any tokenizer: it
+works on the tokens' surface text, so ``"\\nA. green"`` is found however it was split into
+pieces.
 """
 
 from __future__ import annotations
@@ -56,4 +59,27 @@ def choice_keys(texts: list[str], labels) -> np.ndarray:
                 hi = np.searchsorted(starts, span[1], side="left")
                 out[prev + lo:prev + hi] = r
         prev = e
+    return out
+
+
+_OPTION_LINE = re.compile(r"(?m)^[ \t]*([A-Z])\.[ \t]*(\S[^\n]*?)[ \t]*$")
+
+
+def option_letters(texts: list[str], labels) -> np.ndarray:
+    """int32 [T]: at the tokens of every option's text in the prompt (lines
+    ``"<letter>. <text>"``), the index of the token that holds that line's letter; -1
+    elsewhere, in the answers, and where the letter and the text share a token.
+
+    texts: the surface text of each token; labels: the example's labels (-100 outside the
+    answers)."""
+    t = len(texts)
+    out = np.full((t,), -1, np.int32)
+    starts = np.cumsum([0] + [len(x) for x in texts])   # character offset of each token
+    prompt = np.asarray(labels)[:t] == IGNORE_INDEX
+    for m in _OPTION_LINE.finditer("".join(texts)):
+        letter = int(np.searchsorted(starts, m.start(1), side="right") - 1)
+        lo = int(np.searchsorted(starts, m.start(2), side="right") - 1)
+        hi = int(np.searchsorted(starts, m.end(2), side="left"))
+        if lo > letter and prompt[letter] and prompt[lo:hi].all():
+            out[lo:hi] = letter
     return out

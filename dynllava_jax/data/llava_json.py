@@ -34,6 +34,9 @@ turns a ``RawRecord`` into one example of fixed shapes, or into an
                     option the r-th answer chooses (a multiple-choice question answered
                     with its option's letter), -1 elsewhere (``data/choice_keys.py``,
                     ``objective.choice_nll``)
+``option_letters``  int32 [T], only with ``choice_targets``: at the tokens of every
+                    option's text in the prompt, the index of the token holding that
+                    option's letter, -1 elsewhere (``objective.letter_nll``)
 ==================  ======================================================
 
 Truncation follows LLaVA: the ids (one marker standing for the image) are cut to
@@ -55,7 +58,7 @@ import numpy as np
 from PIL import Image
 
 from dynllava_jax.conversation import IGNORE_INDEX, tokenize_conversation_with_labels
-from dynllava_jax.data.choice_keys import choice_keys
+from dynllava_jax.data.choice_keys import choice_keys, option_letters
 from dynllava_jax.image_processing import ImageLoadError
 from dynllava_jax.inputs import IMAGE_MARKER
 from dynllava_jax.tokenizer import IMAGE_TOKEN
@@ -224,7 +227,7 @@ def encode_record(
     ``attention_turns`` R > 0 adds ``turn_cells`` (needs ``cell_grid``: the cells index its
     grid); one that is not a list of cells or -1 is a bad record; ``attention_pairs`` adds
     ``pair_cells`` as well (bad pairs: the same reason). ``choice_targets`` adds
-    ``choice_keys``, found in the example's own text.
+    ``choice_keys`` and ``option_letters``, found in the example's own text.
     """
     if requires_image and raw.image is None:
         return Invalid(raw.id, TEXT_ONLY)
@@ -299,8 +302,12 @@ def encode_record(
             out["pair_cells"] = pairs
     if choice_targets:
         keys = np.full((seq_len,), -1, np.int32)
-        keys[:n] = choice_keys(tokenizer.token_texts(ids), labels)
+        letters = np.full((seq_len,), -1, np.int32)
+        texts = tokenizer.token_texts(ids)
+        keys[:n] = choice_keys(texts, labels)
+        letters[:n] = option_letters(texts, labels)
         out["choice_keys"] = keys
+        out["option_letters"] = letters
     return out
 
 

@@ -31,6 +31,8 @@ key                 dtype       shape        content
                                              question names (-1)
 ``choice_keys``     int32       [b, T]       only with ``data_cfg.choice_targets``: r at the
                                              tokens of the option the r-th answer chooses
+``option_letters``  int32       [b, T]       with ``choice_keys``: at every option's text,
+                                             the index of its letter's token (-1)
 ==================  ==========  ===========  ========================================
 
 ``T = data_cfg.seq_len``, ``S = image_processor.image_size``. Every batch has exactly
@@ -144,8 +146,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.attention_pairs = False        # True (with R > 0): batches carry `pair_cells` [b, R, 2]
                                        # from the records' `turn_pairs` (JSON only)
     cfg.choice_targets = False         # True: batches carry `choice_keys` [b, T], where each
-                                       # multiple-choice answer's option is written (the choice
-                                       # objective; found in the text, so any source)
+                                       # multiple-choice answer's option is written, and
+                                       # `option_letters` [b, T] (the choice and letter
+                                       # objectives; found in the text, so any source)
     return cfg
 
 
@@ -254,7 +257,8 @@ def make_iterator(data_cfg, tokenizer, image_processor, num_image_tokens: int, *
 
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stack single examples into a batch (the keys of ``EXAMPLE_KEYS``, and ``cell_targets``,
-    ``turn_cells``, ``pair_cells``, ``choice_keys`` when the examples have them)."""
+    ``turn_cells``, ``pair_cells``, ``choice_keys``, ``option_letters`` when the examples have
+    them)."""
     return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
 
 
