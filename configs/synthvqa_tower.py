@@ -20,8 +20,12 @@ def get_config():
     c.init_from = "random"
     c.assets_dir = "data/synthvqa/tokenizer"
     c.objective.ce_loss_weight = 0.0
-    c.objective.attention_loss_weight = 0.0
+    c.objective.attention_loss_weight = 0.0   # the terms that read the LLM are off
     c.data.attention_turns = 0
+    c.data.choice_targets = False
+    c.objective.choice_loss_weight = 0.0
+    c.objective.letter_loss_weight = 0.0
+    c.objective.copy_loss_weight = 0.0
     c.optim.lr = 1e-3
     c.optim.vision_lr_scale = 1.0
     c.train.global_batch_size = 32

@@ -266,9 +266,9 @@ def test_cell_labels_reach_the_batch(data):
     assert isinstance(bad, Invalid) and bad.reason == BAD_CELL_TEXT
 
 
-def _small_run_config(data, small_ckpt, *more, **over):
-    """configs/synthvqa_dense.py for 2 steps of the small model on the test's SynthVQA
-    records, dense, with `over` (dotted keys) and `more` ("key=value") applied."""
+def _small_run_config(data, small_ckpt, *more, config="synthvqa_dense.py", **over):
+    """configs/`config` for 2 steps of the small model on the test's SynthVQA records,
+    dense, with `over` (dotted keys) and `more` ("key=value") applied."""
     import configs
     out, _ = data
     base = {"init_from": str(small_ckpt), "assets_dir": "", "train.total_steps": 2,
@@ -277,7 +277,7 @@ def _small_run_config(data, small_ckpt, *more, **over):
             "data.model_max_length": 512, "sparse.use_vision_predictor": False,
             "sparse.use_output_text_predictor": False, **over}
     repo = Path(__file__).resolve().parents[1]
-    return configs.apply_overrides(configs.load(repo / "configs" / "synthvqa_dense.py"),
+    return configs.apply_overrides(configs.load(repo / "configs" / config),
                                    [f"{k}={v}" for k, v in base.items()] + list(more))
 
 
@@ -308,8 +308,8 @@ def test_tower_pretraining_runs_no_llm(tmp_path, data, small_ckpt):
     leave nothing to train, are refused."""
     import jax
     from dynllava_jax import trainer as T
-    over = {"objective.ce_loss_weight": 0.0, "objective.cell_loss_weight": 0.5,
-            "objective.attention_loss_weight": 0.0, "data.attention_turns": 0,
+    # stage 0's own config (configs/synthvqa_tower.py), with no weight decay
+    over = {"config": "synthvqa_tower.py", "objective.cell_loss_weight": 0.5,
             "optim.weight_decay": 0.0}
     tr = T.Trainer(_small_run_config(data, small_ckpt, **over), tmp_path / "run",
                    progress=False)
@@ -328,6 +328,7 @@ def test_tower_pretraining_runs_no_llm(tmp_path, data, small_ckpt):
     for bad, match in (("objective.attention_loss_weight=1.0", "attention_loss_weight"),
                        ("objective.cell_loss_weight=0.0", "nothing to train"),
                        ("sparse.use_vision_predictor=True", "predictors"),
+                       ("objective.copy_loss_weight=0.5", "copy_loss_weight"),
                        ("objective.ce_loss_weight=-1.0", ">= 0")):
         more = (bad, "data.attention_turns=8") if "attention" in bad else (bad,)
         with pytest.raises(ValueError, match=match):
