@@ -382,6 +382,18 @@ def _rope(x, pos, theta):
     return x * cos + np.concatenate([-x[:, d // 2:], x[:, :d // 2]], -1) * sin
 
 
+def _head_qkv(x_TH, lp, c, head: int):
+    """float64 q, k (with RoPE) and v of query head `head` of decoder layer `lp` for one
+    sample's hidden states entering it."""
+    d, kvh = c.head_dim, head // (c.num_heads // c.num_kv_heads)
+    h = x_TH / np.sqrt((x_TH ** 2).mean(-1, keepdims=True) + c.rms_norm_eps)
+    h = h * lp["input_norm"]["scale"]
+    pos = np.arange(x_TH.shape[0])
+    q = _rope(h @ lp["q_proj"]["kernel"][:, head * d:(head + 1) * d], pos, c.rope_theta)
+    k = _rope(h @ lp["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d], pos, c.rope_theta)
+    return q, k, h @ lp["v_proj"]["kernel"][:, kvh * d:(kvh + 1) * d]
+
+
 def test_attention_objective_matches_naive_formula(tiny, batch):
     """objective.attention_loss_weight: -log of the attention mass that one head of one
     layer (before the sparse layer) puts on the named cell's image tokens, at each answer's
@@ -412,13 +424,10 @@ def test_attention_objective_matches_naive_formula(tiny, batch):
     x, _ = O.run_stack(first, c, jnp.float32, x, pos, jnp.asarray(batch["lengths"]))
     x = np.asarray(x, np.float64)
     marks = _attention_queries_loops(batch["labels"], turns, batch["image_start"])
-    d, kvh = c.head_dim, head // (c.num_heads // c.num_kv_heads)
+    d = c.head_dim
     tot, tot_u, n = 0.0, 0.0, 0
     for b in range(6):
-        h = x[b] / np.sqrt((x[b] ** 2).mean(-1, keepdims=True) + c.rms_norm_eps)
-        h = h * lp["input_norm"]["scale"]
-        q = _rope(h @ lp["q_proj"]["kernel"][:, head * d:(head + 1) * d], np.arange(t), c.rope_theta)
-        k = _rope(h @ lp["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d], np.arange(t), c.rope_theta)
+        q, k, _ = _head_qkv(x[b], lp, c, head)
         for qi in np.flatnonzero(marks[b] >= 0):
             s = q[qi] @ k[:min(qi + 1, batch["lengths"][b])].T / np.sqrt(d)
             p = np.exp(s - s.max())
@@ -496,14 +505,10 @@ def test_choice_objective_matches_naive_formula(tiny, batch):
     x, _ = O.run_stack(jax.tree_util.tree_map(lambda a: a[sl:layer], lay), c, jnp.float32, x, pos,
                        n_len, policy=policy)
     x, pol = np.asarray(x, np.float64), np.asarray(policy, np.float64)
-    d, kvh = c.head_dim, head // (c.num_heads // c.num_kv_heads)
+    d = c.head_dim
     tot, n, copy = 0.0, 0, 0.0
     for b in range(6):
-        h = x[b] / np.sqrt((x[b] ** 2).mean(-1, keepdims=True) + c.rms_norm_eps)
-        h = h * lp["input_norm"]["scale"]
-        q = _rope(h @ lp["q_proj"]["kernel"][:, head * d:(head + 1) * d], np.arange(t), c.rope_theta)
-        k = _rope(h @ lp["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d], np.arange(t), c.rope_theta)
-        v = h @ lp["v_proj"]["kernel"][:, kvh * d:(kvh + 1) * d]
+        q, k, v = _head_qkv(x[b], lp, c, head)
         for r, (s, e) in enumerate(answer_runs(batch["labels"][b])):
             qi = s - 1                           # the position predicting the answer's first token
             if not (keys[b] == r).any():
@@ -588,13 +593,9 @@ def test_letter_objective_matches_naive_formula(tiny, batch):
     x = np.asarray(M.embed_inputs(params, cfg, jnp.asarray(batch["tokens"]), feats,
                                   jnp.asarray(batch["image_start"])), np.float64)
     t, d = x.shape[1], c.head_dim
-    kvh = head // (c.num_heads // c.num_kv_heads)
     tot, n = 0.0, 0
     for b in range(6):
-        h = x[b] / np.sqrt((x[b] ** 2).mean(-1, keepdims=True) + c.rms_norm_eps)
-        h = h * lp["input_norm"]["scale"]
-        q = _rope(h @ lp["q_proj"]["kernel"][:, head * d:(head + 1) * d], np.arange(t), c.rope_theta)
-        k = _rope(h @ lp["k_proj"]["kernel"][:, kvh * d:(kvh + 1) * d], np.arange(t), c.rope_theta)
+        q, k, _ = _head_qkv(x[b], lp, c, head)
         for qi in np.flatnonzero(letters[b] >= 0):
             sc = q[qi] @ k.T / np.sqrt(d)
             vis = np.arange(t) <= qi
