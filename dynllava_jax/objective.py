@@ -245,7 +245,8 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
                   constrain=None, ce_chunk: int = 0, cell_per_token: bool = False,
                   attention_grid: int = 0, attention_layer: int = 1, attention_head: int = 0,
                   attention_target: str = "mass", choice_layer: int = 2, choice_head: int = 1,
-                  letter_layer: int = 0, letter_head: int = 0, run_llm: bool = True):
+                  letter_layer: int = 0, letter_head: int = 0, copy: bool = False,
+                  run_llm: bool = True):
     """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
 
     batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
@@ -257,6 +258,8 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     turn_cells: heads ``attention_head`` and ``attention_head + 1``), optional choice_keys
     [B,T] (choice objective: head ``choice_head`` of layer ``choice_layer``), optional
     option_letters [B,T] (letter objective: head ``letter_head`` of layer ``letter_layer``).
+    copy (with choice_keys): also the copy term's sums (the choice head's output through the
+    LM head; off, ``copy_sum`` stays zero and no second LM-head pass runs).
     rng: the step's key; tau: Gumbel temperature (scalar).
     constrain: optional ``f(x) -> x`` applied to the batch-leading activations (hidden
     states, logits): the trainer passes a sharding constraint (batch over data x fsdp).
@@ -345,10 +348,12 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
             rank_BT = choice_queries(labels, ckeys)
             c_sum, c_mass, head_out = choice_nll(
                 layer_at(rest, 0), cfg, x, positions, lengths, rank_BT, ckeys, choice_head,
-                None if policy is None else jax.lax.stop_gradient(policy))
-            copy_nll = token_nll(params, cfg, head_out, scored_targets(labels)[0])
-            out.update(choice_sum=c_sum, choice_mass=c_mass,
-                       copy_sum=jnp.where(rank_BT >= 0, copy_nll, 0.0).sum(1))
+                None if policy is None else jax.lax.stop_gradient(policy), output=copy)
+            out.update(choice_sum=c_sum, choice_mass=c_mass)
+            if copy:
+                copy_nll = token_nll(params, cfg, head_out, scored_targets(labels)[0], ce_chunk,
+                                     constrain)
+                out.update(copy_sum=jnp.where(rank_BT >= 0, copy_nll, 0.0).sum(1))
         if letters is not None and stop == letter_layer:
             l_sum, l_mass = letter_nll(layer_at(rest, 0), cfg, x, positions, lengths, letters,
                                        letter_head,
@@ -540,19 +545,21 @@ def choice_queries(labels_BT, choice_keys_BT):
 
 
 def choice_nll(layer_p, cfg: ModelConfig, x_BTH, positions_BT, lengths_B, rank_BT,
-               choice_keys_BT, head: int = 1, policy_BT=None):
+               choice_keys_BT, head: int = 1, policy_BT=None, output: bool = True):
     """(per-sample sums [B] of the choice objective's NLL, -log(mass), and of the mass, and
     the head's output [B, T, H]): the attention of query head `head` of the decoder layer
     `layer_p` (with `policy_BT`, the training MaskedSoftmax that layer computes), at each
     position where ``rank_BT >= 0``, summed over the keys where ``choice_keys_BT`` equals
-    that rank; the output is what the head adds to the residual stream (its attention-
-    weighted values through its rows of ``o_proj``; the copy term reads it)."""
+    that rank; the output (None unless `output`) is what the head adds to the residual stream
+    (its attention-weighted values through its rows of ``o_proj``; the copy term reads it)."""
     s, visible = head_scores(layer_p, cfg, x_BTH, positions_BT, lengths_B, head)
     p = masked_softmax(s, visible, policy_BT)
     marked = rank_BT >= 0
     on = (choice_keys_BT[:, None, :] == rank_BT[:, :, None]) & marked[:, :, None]
     mass = jnp.where(on, p, 0.0).sum(-1)
     nll = jnp.where(marked, -jnp.log(jnp.maximum(mass, 1e-6)), 0.0).sum(1)
+    if not output:
+        return nll, jnp.where(marked, mass, 0.0).sum(1), None
     c = cfg.llm
     d = c.head_dim
     kvh = head // (c.num_heads // c.num_kv_heads)
@@ -685,6 +692,7 @@ def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "no
                             attention_layer=attention_layer, attention_head=attention_head,
                             attention_target=attention_target, choice_layer=choice_layer,
                             choice_head=choice_head, letter_layer=letter_layer,
-                            letter_head=letter_head, run_llm=bool(ce_weight))
+                            letter_head=letter_head, copy=bool(copy_weight),
+                            run_llm=bool(ce_weight))
     return combine(sums, denom, cfg, cell_weight, attention_weight, choice_weight, pair_weight,
                    ce_weight, letter_weight, copy_weight)

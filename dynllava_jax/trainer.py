@@ -124,6 +124,7 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
                                       attention_target=sc.attention_target,
                                       choice_layer=sc.choice_layer, choice_head=sc.choice_head,
                                       letter_layer=sc.letter_layer, letter_head=sc.letter_head,
+                                      copy=bool(sc.copy_loss_weight),
                                       run_llm=bool(sc.ce_loss_weight))
             loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
                                 sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight,
@@ -150,11 +151,10 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
                 return (gacc, sacc), None
 
             g0 = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            s0 = {k: jnp.zeros((), jnp.float32) for k in
-                  ("img_sq", "img_kept", "has_img", "txt_sq", "txt_kept", "txt_long",
-                   "ce_sum", "tokens", "ce_w", "cell_sum", "attn_sum", "attn_mass",
-                   "choice_sum", "choice_mass", "pair_sum", "pair_mass", "letter_sum",
-                   "letter_mass", "copy_sum")}
+            # zeros of whatever sums forward_train returns (its structure, traced, not run)
+            s_shape = jax.eval_shape(grad_fn, state.params,
+                                     jax.tree_util.tree_map(lambda x: x[0], mbs))[0][1]
+            s0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), s_shape)
             (grads, sums), _ = jax.lax.scan(body, (g0, s0), mbs)
             grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.params)
         _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,

@@ -20,6 +20,7 @@ import numpy as np
 
 from dynllava_jax.conversation import IGNORE_INDEX
 _LETTER = re.compile(r"\s*([A-Z])\s*\.?\s*")
+_OPTION_LINE = re.compile(r"(?m)^[ \t]*([A-Z])\.[ \t]*(\S[^\n]*?)[ \t]*$")   # letter, text
 
 
 def answer_runs(labels) -> list[tuple[int, int]]:
@@ -32,10 +33,10 @@ def answer_runs(labels) -> list[tuple[int, int]]:
 def option_span(question: str, letter: str) -> tuple[int, int] | None:
     """(start, end) characters of the text of option ``letter`` in ``question`` (a line
     ``"<letter>. <text>"``), or None when it has no such line or the letter twice."""
-    found = [m for m in re.finditer(rf"(?m)^[ \t]*{letter}\.[ \t]*(\S[^\n]*?)[ \t]*$", question)]
+    found = [m for m in _OPTION_LINE.finditer(question) if m.group(1) == letter]
     if len(found) != 1:
         return None
-    return found[0].span(1)
+    return found[0].span(2)
 
 
 def choice_keys(texts: list[str], labels) -> np.ndarray:
@@ -60,9 +61,6 @@ def choice_keys(texts: list[str], labels) -> np.ndarray:
                 out[prev + lo:prev + hi] = r
         prev = e
     return out
-
-
-_OPTION_LINE = re.compile(r"(?m)^[ \t]*([A-Z])\.[ \t]*(\S[^\n]*?)[ \t]*$")
 
 
 def option_letters(texts: list[str], labels) -> np.ndarray:
