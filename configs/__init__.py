@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0 (needs data.choice_targets): the choice head's own output, read through the final
     # norm and the LM head, is taught to predict the letter (it writes what it reads)
     c.objective.copy_loss_weight = 0.0
+    # > 0 (with a predictor on): this share of each global batch, drawn afresh every step,
+    # runs unpruned (every token kept, no decisions, nothing to the ratio losses), so that
+    # the same weights stay good in dense inference while the rest trains under pruning.
+    c.objective.dense_fraction = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-6                  # LLM (+ projector)

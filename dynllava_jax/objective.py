@@ -46,6 +46,13 @@ Loss (per global batch; see `loss_denominators`):
           target to its own ratio, so it adds 0 but still counts in ``.mean()``); setting
           ``text_ratio_mean = "eligible"`` divides by the number of long answers instead.
 
+Optional dense rows (not in Dynamic-LLaVA; ``objective.dense_fraction`` f > 0): each step,
+``round(f * B)`` rows of the global batch, drawn from the step's key (`dense_rows`), keep
+every token (policy 1, no decisions) and count in neither ratio loss nor its denominator
+(samples with an image, samples, long answers: the pruned rows' only). Their CE is the
+dense model's, so the same weights stay good in dense inference while the other rows train
+the model and the predictors under pruning.
+
 Optional cell objective (not in Dynamic-LLaVA; ``objective.cell_loss_weight`` w > 0 with
 batches that carry ``cell_targets [B, G*G, K]``, see ``data.cell_grid``): a direct path from
 labels to the vision tower, for a tower trained from random weights (SynthVQA), which the
@@ -172,11 +179,7 @@ def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all
     start, end = answer_span(batch["labels"], batch["lengths"])
     n = batch["labels"].shape[0]
     long = (end - start) >= cfg.sparse.output_text_len_for_training
-    if text_ratio_mean == "all":
-        n_txt = jnp.asarray(n, jnp.float32)
-    elif text_ratio_mean == "eligible":
-        n_txt = long.sum().astype(jnp.float32)
-    else:
+    if text_ratio_mean not in ("all", "eligible"):
         raise ValueError(f"text_ratio_mean must be 'all' or 'eligible', not {text_ratio_mean!r}")
     one = jnp.float32(1.0)
     cells = batch.get("cell_targets")
@@ -190,6 +193,12 @@ def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all
     n_pair = (jnp.float32(0.0) if pairs is None else sum(
         (attention_queries(batch["labels"], pairs[..., k], batch["image_start"]) >= 0)
         .sum().astype(jnp.float32) for k in range(2)))
+    # dense rows (`dense_rows`) are not pruned: the ratio losses average over the others
+    pruned = ~batch["dense_rows"] if "dense_rows" in batch else jnp.ones((n,), bool)
+    if text_ratio_mean == "all":
+        n_txt = pruned.sum().astype(jnp.float32)
+    else:
+        n_txt = (long & pruned).sum().astype(jnp.float32)
     ckeys = batch.get("choice_keys")
     n_choice = (jnp.float32(0.0) if ckeys is None else
                 (choice_queries(batch["labels"], ckeys) >= 0).sum().astype(jnp.float32))
@@ -203,10 +212,21 @@ def loss_denominators(batch: dict, cfg: ModelConfig, text_ratio_mean: str = "all
         "pair": jnp.maximum(n_pair, one),
         "cells": jnp.maximum(n_cells, one),
         "tokens": jnp.maximum(w.sum().astype(jnp.float32), one),
-        "img": jnp.maximum((batch["image_start"] >= 0).sum().astype(jnp.float32), one),
+        "img": jnp.maximum(((batch["image_start"] >= 0) & pruned).sum().astype(jnp.float32),
+                           one),
         "txt": jnp.maximum(n_txt, one),
-        "txt_long": jnp.maximum(long.sum().astype(jnp.float32), one),
+        "txt_long": jnp.maximum((long & pruned).sum().astype(jnp.float32), one),
     }
+
+
+def dense_rows(rng, batch_size: int, fraction: float):
+    """[B] bool: which rows of a global batch run unpruned (``objective.dense_fraction``):
+    ``round(fraction * B)`` rows, drawn afresh each step from the step's key, so that the
+    same weights stay good with every token kept (dense inference) while the others train
+    the predictors and the model under pruning."""
+    n = int(round(fraction * batch_size))
+    perm = jax.random.permutation(jax.random.fold_in(rng, 0x64656E), batch_size)
+    return perm < n
 
 
 def sample_keys(rng, sample_ids_B):
@@ -257,7 +277,8 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     ``attention_head`` of layer ``attention_layer``), optional pair_cells [B,R,2] (with
     turn_cells: heads ``attention_head`` and ``attention_head + 1``), optional choice_keys
     [B,T] (choice objective: head ``choice_head`` of layer ``choice_layer``), optional
-    option_letters [B,T] (letter objective: head ``letter_head`` of layer ``letter_layer``).
+    option_letters [B,T] (letter objective: head ``letter_head`` of layer ``letter_layer``),
+    optional dense_rows [B] bool (`dense_rows`: those rows keep every token).
     copy (with choice_keys): also the copy term's sums (the choice head's output through the
     LM head; off, ``copy_sum`` stays zero and no second LM-head pass runs).
     rng: the step's key; tau: Gumbel temperature (scalar).
@@ -343,6 +364,10 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
         if sparse and stop == sc.sparse_layer:
             policy, dec = sparse_policy(params, cfg, x, labels, lengths, image_start, positions,
                                         k_img, k_txt, tau)
+            dense = batch.get("dense_rows")
+            if dense is not None:   # kept whole: no decisions, nothing to the ratio losses
+                policy = jnp.where(dense[:, None], 1.0, policy)
+                dec = {k: jnp.where(dense, 0.0, v) for k, v in dec.items()}
             out.update(dec)
         if ckeys is not None and stop == choice_layer:
             rank_BT = choice_queries(labels, ckeys)
@@ -681,9 +706,13 @@ def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "no
             attention_head: int = 0, attention_target: str = "mass", choice_weight: float = 0.0,
             choice_layer: int = 2, choice_head: int = 1, pair_weight: float = 0.0,
             ce_weight: float = 1.0, letter_weight: float = 0.0, letter_layer: int = 0,
-            letter_head: int = 0, copy_weight: float = 0.0):
+            letter_head: int = 0, copy_weight: float = 0.0, dense_fraction: float = 0.0):
     """Whole-batch loss (no micro-batching): (loss, metrics). ce_weight 0: the LLM is not
-    run (tower pretraining: the cell objective alone)."""
+    run (tower pretraining: the cell objective alone). dense_fraction: that share of the
+    rows keeps every token (`dense_rows`, drawn from rng)."""
+    if dense_fraction:
+        batch = dict(batch, dense_rows=dense_rows(rng, batch["tokens"].shape[0],
+                                                  dense_fraction))
     if denom is None:
         denom = loss_denominators(batch, cfg, text_ratio_mean)
     batch = dict(batch, ce_weight=ce_weights(batch["labels"], ce_group_size))

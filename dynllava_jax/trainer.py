@@ -92,6 +92,7 @@ class StepConfig:
     letter_layer: int = 0
     letter_head: int = 0
     copy_loss_weight: float = 0.0
+    dense_fraction: float = 0.0
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
@@ -110,6 +111,8 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             raise ValueError(f"batch {b} is not divisible by {g} micro-batches")
         tau = O.gumbel_tau(state.step, sc.total_steps, sc.gumbel_start_tau, sc.gumbel_end_tau)
         rng = jax.random.fold_in(state.rng, state.step)
+        if sc.dense_fraction:
+            batch = dict(batch, dense_rows=O.dense_rows(rng, b, sc.dense_fraction))
         denom = O.loss_denominators(batch, cfg, sc.text_ratio_mean)
         batch = dict(batch, sample_id=jnp.arange(b, dtype=jnp.int32),
                      ce_weight=O.ce_weights(batch["labels"], sc.ce_group_size))
@@ -513,8 +516,10 @@ class Trainer:
             letter_loss_weight=float(config.objective.get("letter_loss_weight", 0.0)),
             letter_layer=int(config.objective.get("letter_layer", 0)),
             letter_head=int(config.objective.get("letter_head", 0)),
-            copy_loss_weight=float(config.objective.get("copy_loss_weight", 0.0)))
+            copy_loss_weight=float(config.objective.get("copy_loss_weight", 0.0)),
+            dense_fraction=float(config.objective.get("dense_fraction", 0.0)))
         self._check_tower_pretraining()
+        self._check_dense_fraction()
         self._check_cells()
         ck = config.checkpoint
         self.ckpt = TrainCheckpointer(self.workdir / "checkpoints", ck.every, ck.keep,
@@ -543,6 +548,22 @@ class Trainer:
         if not sc.cell_loss_weight:
             raise ValueError("objective.ce_loss_weight = 0 leaves nothing to train: set "
                              "objective.cell_loss_weight > 0 (tower pretraining)")
+
+    def _check_dense_fraction(self):
+        """objective.dense_fraction: a share of each global batch that runs unpruned, only
+        meaningful while a predictor prunes, and at least one row and one pruned row."""
+        f, b = self.step_config.dense_fraction, int(self.config.train.global_batch_size)
+        if not f:
+            return
+        if not 0.0 < f < 1.0:
+            raise ValueError(f"objective.dense_fraction must be in [0, 1), not {f}")
+        if not O.sparsifies(self.cfg):
+            raise ValueError("objective.dense_fraction keeps rows unpruned, but no predictor "
+                             "prunes (sparse.use_vision_predictor / use_output_text_predictor)")
+        n = round(f * b)
+        if not 0 < n < b:
+            raise ValueError(f"objective.dense_fraction {f} of a global batch of {b} is {n} "
+                             "rows: it must be at least one row and leave one pruned")
 
     def _check_cells(self):
         """The cell objective needs cell labels from the JSON pipeline and a grid that tiles

@@ -610,3 +610,46 @@ def test_letter_objective_matches_naive_formula(tiny, batch):
     assert float(O.loss_denominators(bt, cfg)["letter"]) == n
     with pytest.raises(ValueError, match="letter_head"):
         O.forward_train(params, cfg, bt, rng, tau, letter_head=c.num_heads)
+
+
+def test_dense_rows_keep_every_token_and_leave_the_ratio_losses(tiny, batch, run):
+    """objective.dense_fraction: the drawn rows run as with the predictors off (policy all
+    ones, the same CE), the others exactly as before, and the ratio losses average over the
+    pruned rows alone."""
+    cfg, params = tiny
+    sc = cfg.sparse
+    draws = [np.asarray(O.dense_rows(jax.random.PRNGKey(k), 6, 0.5)) for k in range(6)]
+    assert all(d.sum() == 3 for d in draws) and len({d.tobytes() for d in draws}) > 1
+    dense = np.array([True, False, True, False, False, True])
+    # the rows must cover both cases: dense and pruned rows with images and long answers
+    assert (batch["image_start"][dense] >= 0).any() and (batch["image_start"][~dense] >= 0).any()
+    rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
+    bt = dict(batch, dense_rows=dense)
+
+    @jax.jit
+    def f(bt):
+        sums, policy = O.forward_train(params, cfg, bt, rng, tau)
+        return sums, policy, O.combine(sums, O.loss_denominators(bt, cfg), cfg)[1]
+
+    sums, policy, m = jax.device_get(f(bt))
+    cfg0 = cfg.replace_sparse(use_vision_predictor=False, use_output_text_predictor=False)
+    plain = jax.device_get(jax.jit(
+        lambda b: O.forward_train(params, cfg0, b, rng, tau)[0])(batch))
+    assert (policy[dense] == 1).all()
+    np.testing.assert_array_equal(policy[~dense], run["policy"][~dense])
+    np.testing.assert_allclose(sums["ce_sum"][dense], plain["ce_sum"][dense], rtol=1e-5)
+    np.testing.assert_allclose(sums["ce_sum"][~dense], run["sums"]["ce_sum"][~dense], rtol=1e-5)
+    for k in ("img_sq", "img_kept", "has_img", "txt_sq", "txt_kept", "txt_long"):
+        assert (sums[k][dense] == 0).all(), k
+    has_img = batch["image_start"] >= 0
+    want_img = run["sums"]["img_sq"][~dense & has_img].mean()
+    np.testing.assert_allclose(float(m["img_ratio_loss"]), sc.mask_loss_weight * want_img,
+                               rtol=1e-5)
+    want_txt = run["sums"]["txt_sq"][~dense].sum() / (~dense).sum()   # "all": pruned rows
+    np.testing.assert_allclose(float(m["txt_ratio_loss"]), sc.mask_loss_weight * want_txt,
+                               rtol=1e-5)
+    # loss_fn draws its rows from the key, as the train step does
+    loss, _ = O.loss_fn(params, cfg, batch, rng, tau, dense_fraction=0.5)
+    drawn = dict(batch, dense_rows=np.asarray(O.dense_rows(rng, 6, 0.5)))
+    sums2 = jax.device_get(f(drawn))
+    np.testing.assert_allclose(float(loss), float(sums2[2]["loss"]), rtol=1e-5)

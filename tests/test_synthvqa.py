@@ -336,6 +336,20 @@ def test_tower_pretraining_runs_no_llm(tmp_path, data, small_ckpt):
                       progress=False)
 
 
+def test_dense_fraction_is_refused_where_it_means_nothing(tmp_path, data, small_ckpt):
+    """objective.dense_fraction needs a predictor that prunes and a share of the global
+    batch that is at least one row and leaves one pruned."""
+    from dynllava_jax import trainer as T
+    on = ("sparse.use_vision_predictor=True",)
+    for more, match in ((("objective.dense_fraction=0.5",), "no predictor prunes"),
+                        (on + ("objective.dense_fraction=0.2",), "0 rows"),
+                        (on + ("objective.dense_fraction=0.8",), "leave one pruned"),
+                        (on + ("objective.dense_fraction=-0.5",), r"\[0, 1\)")):
+        with pytest.raises(ValueError, match=match):
+            T.Trainer(_small_run_config(data, small_ckpt, *more), tmp_path / "bad",
+                      progress=False)
+
+
 def _named_cell(question: str, answer: str, scene) -> int:
     """The grid cell of the one object a question names (-1: none, or two)."""
     q = question.split("\n")[0]
