@@ -52,7 +52,10 @@ def plot(workdirs, out: Path) -> Path:
                        label=f"{name}: attention on an option's letter")
         if any(r.get("img_kept", 0) > 0 for r in rows):
             ax[1].plot(x, [r["img_kept"] for r in rows], label=f"{name}: image tokens kept")
-            ax[1].plot(x, [r["txt_kept"] for r in rows], label=f"{name}: long-answer tokens kept")
+            # a step whose pruned rows hold no long answer logs txt_kept 0: not a point
+            lx = [(xi, r["txt_kept"]) for xi, r in zip(x, rows) if r["txt_kept"] > 0]
+            ax[1].plot([a for a, _ in lx], [b for _, b in lx],
+                       label=f"{name}: long-answer tokens kept")
         offset = x[-1]
         ax[0].axvline(offset, color="grey", lw=0.5)
     ax[0].set_yscale("log")

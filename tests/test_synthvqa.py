@@ -226,6 +226,20 @@ def test_eval_runs_on_a_handful_of_questions(tmp_path, data, small_ckpt):
     assert runs["dynamic"]["prefill_flops_vs_dense"] < 1.0 == runs["dense"]["prefill_flops_vs_dense"]
     assert runs["dynamic"]["kv_bytes_vs_dense"] < 1.0
     assert (tmp_path / "eval" / "synth_eval.md").read_text().count("| dynamic") == 2
+    acc = {k: s["accuracy"]["overall"] for k, s in runs.items()}
+    assert runs["dense"]["vs_dense"] == 0.0
+    assert runs["dynamic"]["vs_dense"] == pytest.approx(acc["dynamic"] - acc["dense"])
+
+
+def test_vs_dense_compares_on_the_same_questions():
+    """The "vs dense" column: a run on a subset of the questions (no cache, the sweeps) is
+    compared with dense on that subset, not with dense's overall figure."""
+    from dynllava_jax.eval.synth import vs_dense
+    dense = [{"question_id": i, "score": s} for i, s in enumerate([1.0, 0.0, 1.0, 0.0])]
+    sub = [{"question_id": 0, "score": 1.0}, {"question_id": 1, "score": 1.0}]
+    assert vs_dense(sub, dense) == pytest.approx(1.0 - 0.5)      # dense: 0.5 on q 0, 1
+    assert vs_dense([{"question_id": 9, "score": 1.0}], dense) is None
+    assert vs_dense(dense, dense) == 0.0
 
 
 def test_descriptions_are_asked_first(data):

@@ -211,11 +211,21 @@ def summarise(rows: list[dict], spec: RunSpec) -> dict:
     return out
 
 
+def vs_dense(rows: list[dict], dense_rows: list[dict]) -> Optional[float]:
+    """This run's overall accuracy minus the dense run's on the same questions (the
+    no-cache run and the sweeps answer a subset); None where dense lacks one of them."""
+    dense = {r["question_id"]: r["score"] for r in dense_rows}
+    if not rows or any(r["question_id"] not in dense for r in rows):
+        return None
+    return float(np.mean([r["score"] for r in rows])
+                 - np.mean([dense[r["question_id"]] for r in rows]))
+
+
 # -- reports ----------------------------------------------------------------------------------
 def markdown_table(summaries: list[dict]) -> str:
     types = [t for t in QUESTION_TYPES if any(t in s["accuracy"] for s in summaries)]
-    head = (["run", "n"] + types + ["overall", "short answers", "image kept", "gen. in cache", "prefill FLOPs",
-                                    "KV bytes"])
+    head = (["run", "n"] + types + ["overall", "short answers", "vs dense", "image kept",
+                                    "gen. in cache", "prefill FLOPs", "KV bytes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         a = s["accuracy"]
@@ -224,6 +234,7 @@ def markdown_table(summaries: list[dict]) -> str:
                  + [f"{100 * a[t]:.1f}" if t in a else "-" for t in types]
                  + [f"{100 * a['overall']:.1f}",
                     "-" if np.isnan(a["short_answers"]) else f"{100 * a['short_answers']:.1f}",
+                    "-" if s.get("vs_dense") is None else f"{100 * s['vs_dense']:+.1f}",
                     f"{s['image_tokens_kept_fraction']:.3f}",
                     "-" if gic is None else f"{gic:.3f}",
                     f"{s['prefill_flops_vs_dense']:.3f}x", f"{s['kv_bytes_vs_dense']:.3f}x"])
@@ -285,9 +296,14 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
     items = load_split(data_dir, max_per_type, types)
     summaries, sweeps = [], []
 
+    dense_rows = []   # the model's own dense run: each other run is compared with it
+
     def do(model, spec, its, tag=None, **extra):
         rows = run(model, its, spec, data_dir, batch_size, progress)
         s = dict(summarise(rows, spec), **extra)
+        if spec.mode == "dense" and not tag:
+            dense_rows.extend(rows)
+        s["vs_dense"] = vs_dense(rows, dense_rows) if dense_rows else None
         if tag:
             s["run"] = f"{tag}: {s['run']}"
         fname = re.sub(r"[^\w.=-]+", "_", s["run"])
