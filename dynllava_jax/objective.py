@@ -65,7 +65,7 @@ embeddings of the words that name its content, e.g. ``small red circle``):
             / #(targets >= 0 in the global batch)
 
 With ``objective.ce_loss_weight = 0`` (tower pretraining) the CE is off and the LLM does not
-run (``forward_train(run_llm=False)``): the loss is the cell objective alone.
+run (``Objective.run_llm`` False): the loss is the cell objective alone.
 
 Optional attention objective (not in Dynamic-LLaVA; ``objective.attention_loss_weight``
 w > 0 with batches that carry ``turn_cells [B, R]``, see ``data.attention_turns``): a
@@ -119,6 +119,7 @@ letter:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -132,6 +133,47 @@ from .llama import RMSNorm, apply_rope, run_stack, split_layers
 from .sparsity import gumbel_hard_keep, masked_softmax
 
 IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the loss holds and where its optional terms read: the ``objective.*`` options of
+    the training config (same names; module doc), plus ``attention_grid`` (``data.cell_grid``:
+    the grid of the attention objective's cells). The defaults are Dynamic-LLaVA's loss."""
+    gumbel_start_tau: float = 1.0
+    gumbel_end_tau: float = 0.1
+    text_ratio_mean: str = "all"
+    ce_group_size: int = 0
+    ce_chunk: int = 0
+    ce_loss_weight: float = 1.0
+    cell_loss_weight: float = 0.0
+    cell_per_token: bool = False
+    attention_loss_weight: float = 0.0
+    attention_grid: int = 0
+    attention_layer: int = 1
+    attention_head: int = 0
+    attention_target: str = "mass"
+    pair_loss_weight: float = 0.0
+    choice_loss_weight: float = 0.0
+    choice_layer: int = 2
+    choice_head: int = 1
+    letter_loss_weight: float = 0.0
+    letter_layer: int = 0
+    letter_head: int = 0
+    copy_loss_weight: float = 0.0
+    dense_fraction: float = 0.0
+
+    @classmethod
+    def from_config(cls, objective, cell_grid: int = 0) -> "Objective":
+        """From a config's ``objective`` section (missing keys keep their defaults)."""
+        kw = {f.name: type(f.default)(objective[f.name]) for f in dataclasses.fields(cls)
+              if f.name in objective}
+        return cls(**kw, attention_grid=int(cell_grid))
+
+    @property
+    def run_llm(self) -> bool:
+        """False for tower pretraining (``ce_loss_weight = 0``): the LLM is not run."""
+        return bool(self.ce_loss_weight)
 
 
 def gumbel_tau(step, total_steps: int, tau_start: float = 1.0, tau_end: float = 0.1):
@@ -261,34 +303,32 @@ def token_nll(params, cfg: ModelConfig, x_BTH, tgt_BT, chunk: int = 0, constrain
     return out.swapaxes(0, 1).reshape(b, t)
 
 
-def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
-                  constrain=None, ce_chunk: int = 0, cell_per_token: bool = False,
-                  attention_grid: int = 0, attention_layer: int = 1, attention_head: int = 0,
-                  attention_target: str = "mass", choice_layer: int = 2, choice_head: int = 1,
-                  letter_layer: int = 0, letter_head: int = 0, copy: bool = False,
-                  run_llm: bool = True):
+def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, obj: Objective = Objective(),
+                  *, remat: str = "none", constrain=None):
     """Training forward pass. Returns per-sample sums [B] (see `combine`) and the policy.
 
     batch: tokens [B,T] int32, labels [B,T] int32, lengths [B], image_start [B] (-1: none),
     pixels [B,3,S,S] float32, optional sample_id [B] (index in the global batch; default
     arange(B)), optional ce_weight [B] (`ce_weights` of the global batch; default: token
     mean over this batch), optional cell_targets [B,G*G,K] (cell objective), optional
-    turn_cells [B,R] (attention objective, over an ``attention_grid`` grid: head
-    ``attention_head`` of layer ``attention_layer``), optional pair_cells [B,R,2] (with
-    turn_cells: heads ``attention_head`` and ``attention_head + 1``), optional choice_keys
-    [B,T] (choice objective: head ``choice_head`` of layer ``choice_layer``), optional
-    option_letters [B,T] (letter objective: head ``letter_head`` of layer ``letter_layer``),
-    optional dense_rows [B] bool (`dense_rows`: those rows keep every token).
-    copy (with choice_keys): also the copy term's sums (the choice head's output through the
-    LM head; off, ``copy_sum`` stays zero and no second LM-head pass runs).
+    turn_cells [B,R] (attention objective, over an ``obj.attention_grid`` grid: head
+    ``obj.attention_head`` of layer ``obj.attention_layer``), optional pair_cells [B,R,2]
+    (with turn_cells: heads ``attention_head`` and ``attention_head + 1``), optional
+    choice_keys [B,T] (choice objective: head ``obj.choice_head`` of layer
+    ``obj.choice_layer``), optional option_letters [B,T] (letter objective: head
+    ``obj.letter_head`` of layer ``obj.letter_layer``), optional dense_rows [B] bool
+    (`dense_rows`: those rows keep every token).
+    obj.copy_loss_weight > 0 (with choice_keys): also the copy term's sums (the choice head's
+    output through the LM head; 0: ``copy_sum`` stays zero, no second LM-head pass runs).
     rng: the step's key; tau: Gumbel temperature (scalar).
     constrain: optional ``f(x) -> x`` applied to the batch-leading activations (hidden
     states, logits): the trainer passes a sharding constraint (batch over data x fsdp).
-    run_llm False (tower pretraining, ``objective.ce_loss_weight = 0``): only the vision
-    tower, the projector and the cell objective run; every LLM sum is zero, the policy None.
+    ``obj.ce_loss_weight = 0`` (tower pretraining): only the vision tower, the projector
+    and the cell objective run; every LLM sum is zero, the policy None.
     """
     sc = cfg.sparse
     dt = M.compute_dtype(cfg)
+    copy = bool(obj.copy_loss_weight)   # the copy term's second LM-head pass
     tokens, labels = batch["tokens"], batch["labels"]
     lengths, image_start = batch["lengths"], batch["image_start"]
     b, t = tokens.shape
@@ -299,8 +339,8 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
 
     feats = M.image_features(params, cfg, batch["pixels"])
     cells = batch.get("cell_targets")
-    cell_sum = (cell_nll(params, feats, cells, image_start, cell_per_token) if cells is not None
-                else jnp.zeros((b,), jnp.float32))
+    cell_sum = (cell_nll(params, feats, cells, image_start, obj.cell_per_token)
+                if cells is not None else jnp.zeros((b,), jnp.float32))
     zeros_B = jnp.zeros((b,), jnp.float32)
     out = {"img_sq": zeros_B, "img_kept": zeros_B, "has_img": zeros_B,
            "txt_sq": zeros_B, "txt_kept": zeros_B, "txt_long": zeros_B,
@@ -308,7 +348,7 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
            "pair_mass": zeros_B, "choice_sum": zeros_B, "choice_mass": zeros_B,
            "letter_sum": zeros_B, "letter_mass": zeros_B, "copy_sum": zeros_B,
            "cell_sum": cell_sum}
-    if not run_llm:
+    if not obj.run_llm:
         _, w = scored_targets(labels)
         out.update(ce_sum=zeros_B, ce_w=zeros_B, tokens=w.sum(1).astype(jnp.float32))
         return out, None
@@ -322,24 +362,25 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
     if pairs is not None:
         if turns is None:
             raise ValueError("pair_cells come with turn_cells (data.attention_turns > 0)")
-        check_attention_options(cfg, attention_layer, attention_head + 1, attention_target)
+        check_attention_options(cfg, obj.attention_layer, obj.attention_head + 1,
+                                obj.attention_target)
     if turns is not None:
-        check_attention_options(cfg, attention_layer, attention_head, attention_target)
-        if attention_grid <= 0:
+        check_attention_options(cfg, obj.attention_layer, obj.attention_head, obj.attention_target)
+        if obj.attention_grid <= 0:
             raise ValueError("the attention objective needs the grid of turn_cells "
                              "(data.cell_grid > 0)")
     if ckeys is not None:
-        check_choice_options(cfg, choice_layer, choice_head)
+        check_choice_options(cfg, obj.choice_layer, obj.choice_head)
     letters = batch.get("option_letters")
     if letters is not None:
-        check_choice_options(cfg, letter_layer, letter_head, "letter")
+        check_choice_options(cfg, obj.letter_layer, obj.letter_head, "letter")
     # The stack runs in segments: at each layer below where a term reads the hidden states
     # entering it, the term is computed, then the rest runs as without it.
     stops = {cfg.llm.num_layers}
-    stops |= {attention_layer} if turns is not None else set()
+    stops |= {obj.attention_layer} if turns is not None else set()
     stops |= {sc.sparse_layer} if sparse else set()
-    stops |= {choice_layer} if ckeys is not None else set()
-    stops |= {letter_layer} if letters is not None else set()
+    stops |= {obj.choice_layer} if ckeys is not None else set()
+    stops |= {obj.letter_layer} if letters is not None else set()
     rest, at, policy = params["llm"]["layers"], 0, None
     for stop in sorted(stops):
         if stop > at:
@@ -349,17 +390,17 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
         if stop == cfg.llm.num_layers:
             break
         x = cons(x)
-        if turns is not None and stop == attention_layer:   # before anything is dropped
+        if turns is not None and stop == obj.attention_layer:   # before anything is dropped
             cells_BT = attention_queries(labels, turns, image_start)
             a_sum, a_mass = attention_nll(layer_at(rest, 0), cfg, x, positions, lengths,
-                                          image_start, cells_BT, attention_grid,
-                                          attention_head, attention_target)
+                                          image_start, cells_BT, obj.attention_grid,
+                                          obj.attention_head, obj.attention_target)
             out.update(attn_sum=a_sum, attn_mass=a_mass)
             for k in range(2 if pairs is not None else 0):   # object k: head attention_head + k
                 p_sum, p_mass = attention_nll(
                     layer_at(rest, 0), cfg, x, positions, lengths, image_start,
-                    attention_queries(labels, pairs[..., k], image_start), attention_grid,
-                    attention_head + k, attention_target)
+                    attention_queries(labels, pairs[..., k], image_start), obj.attention_grid,
+                    obj.attention_head + k, obj.attention_target)
                 out.update(pair_sum=out["pair_sum"] + p_sum, pair_mass=out["pair_mass"] + p_mass)
         if sparse and stop == sc.sparse_layer:
             policy, dec = sparse_policy(params, cfg, x, labels, lengths, image_start, positions,
@@ -369,24 +410,24 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str
                 policy = jnp.where(dense[:, None], 1.0, policy)
                 dec = {k: jnp.where(dense, 0.0, v) for k, v in dec.items()}
             out.update(dec)
-        if ckeys is not None and stop == choice_layer:
+        if ckeys is not None and stop == obj.choice_layer:
             rank_BT = choice_queries(labels, ckeys)
             c_sum, c_mass, head_out = choice_nll(
-                layer_at(rest, 0), cfg, x, positions, lengths, rank_BT, ckeys, choice_head,
+                layer_at(rest, 0), cfg, x, positions, lengths, rank_BT, ckeys, obj.choice_head,
                 None if policy is None else jax.lax.stop_gradient(policy), output=copy)
             out.update(choice_sum=c_sum, choice_mass=c_mass)
             if copy:
-                copy_nll = token_nll(params, cfg, head_out, scored_targets(labels)[0], ce_chunk,
-                                     constrain)
+                copy_nll = token_nll(params, cfg, head_out, scored_targets(labels)[0],
+                                     obj.ce_chunk, constrain)
                 out.update(copy_sum=jnp.where(rank_BT >= 0, copy_nll, 0.0).sum(1))
-        if letters is not None and stop == letter_layer:
+        if letters is not None and stop == obj.letter_layer:
             l_sum, l_mass = letter_nll(layer_at(rest, 0), cfg, x, positions, lengths, letters,
-                                       letter_head,
+                                       obj.letter_head,
                                        None if policy is None else jax.lax.stop_gradient(policy))
             out.update(letter_sum=l_sum, letter_mass=l_mass)
 
     tgt, w = scored_targets(labels)
-    nll = token_nll(params, cfg, x, tgt, ce_chunk, constrain)
+    nll = token_nll(params, cfg, x, tgt, obj.ce_chunk, constrain)
     out["ce_sum"] = jnp.where(w, nll, 0.0).sum(1)
     out["tokens"] = w.sum(1).astype(jnp.float32)
     cw = batch.get("ce_weight")
@@ -652,17 +693,15 @@ def cell_nll(params, feats_BNH, targets_BCK, image_start_B, per_token: bool = Fa
     return jnp.where(scored_cells(targets_BCK, image_start_B), nll, 0.0).sum((1, 2))
 
 
-def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
-            attention_weight: float = 0.0, choice_weight: float = 0.0,
-            pair_weight: float = 0.0, ce_weight: float = 1.0,
-            letter_weight: float = 0.0, copy_weight: float = 0.0) -> tuple[jax.Array, dict]:
+def combine(sums: dict, denom: dict, cfg: ModelConfig,
+            obj: Objective = Objective()) -> tuple[jax.Array, dict]:
     """Loss and metrics from per-sample sums (already summed over micro-batches or not)."""
     s = {k: jnp.sum(v) for k, v in sums.items()}
     ce = s["ce_w"]
     l_img = s["img_sq"] / denom["img"]
     l_txt = s["txt_sq"] / denom["txt"]
     w = cfg.sparse.mask_loss_weight
-    loss = ce_weight * ce + w * (l_img + l_txt)   # x * 1.0 is exact: default unchanged
+    loss = obj.ce_loss_weight * ce + w * (l_img + l_txt)   # x * 1.0 is exact: default unchanged
     metrics = {
         "loss": loss, "ce": ce,
         "img_ratio_loss": w * l_img, "txt_ratio_loss": w * l_txt,
@@ -670,58 +709,45 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig, cell_weight: float = 0.0,
         "txt_kept": s["txt_kept"] / denom["txt_long"],
         "answer_tokens": s["tokens"],
     }
-    if cell_weight:
+    if obj.cell_loss_weight:
         l_cell = s["cell_sum"] / denom["cells"]
-        loss = loss + cell_weight * l_cell
+        loss = loss + obj.cell_loss_weight * l_cell
         metrics.update(loss=loss, cell_loss=l_cell)
-    if attention_weight:
+    if obj.attention_loss_weight:
         l_attn = s["attn_sum"] / denom["attn"]
-        loss = loss + attention_weight * l_attn
+        loss = loss + obj.attention_loss_weight * l_attn
         metrics.update(loss=loss, attn_loss=l_attn, attn_mass=s["attn_mass"] / denom["attn"])
-    if pair_weight:
+    if obj.pair_loss_weight:
         l_pair = s["pair_sum"] / denom["pair"]
-        loss = loss + pair_weight * l_pair
+        loss = loss + obj.pair_loss_weight * l_pair
         metrics.update(loss=loss, pair_loss=l_pair, pair_mass=s["pair_mass"] / denom["pair"])
-    if choice_weight:
+    if obj.choice_loss_weight:
         l_choice = s["choice_sum"] / denom["choice"]
-        loss = loss + choice_weight * l_choice
+        loss = loss + obj.choice_loss_weight * l_choice
         metrics.update(loss=loss, choice_loss=l_choice,
                        choice_mass=s["choice_mass"] / denom["choice"])
-    if letter_weight:
+    if obj.letter_loss_weight:
         l_letter = s["letter_sum"] / denom["letter"]
-        loss = loss + letter_weight * l_letter
+        loss = loss + obj.letter_loss_weight * l_letter
         metrics.update(loss=loss, letter_loss=l_letter,
                        letter_mass=s["letter_mass"] / denom["letter"])
-    if copy_weight:
+    if obj.copy_loss_weight:
         l_copy = s["copy_sum"] / denom["choice"]
-        loss = loss + copy_weight * l_copy
+        loss = loss + obj.copy_loss_weight * l_copy
         metrics.update(loss=loss, copy_loss=l_copy)
     return loss, metrics
 
 
-def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, *, remat: str = "none",
-            text_ratio_mean: str = "all", ce_group_size: int = 0, denom: Any = None,
-            ce_chunk: int = 0, cell_weight: float = 0.0, cell_per_token: bool = False,
-            attention_weight: float = 0.0, attention_grid: int = 0, attention_layer: int = 1,
-            attention_head: int = 0, attention_target: str = "mass", choice_weight: float = 0.0,
-            choice_layer: int = 2, choice_head: int = 1, pair_weight: float = 0.0,
-            ce_weight: float = 1.0, letter_weight: float = 0.0, letter_layer: int = 0,
-            letter_head: int = 0, copy_weight: float = 0.0, dense_fraction: float = 0.0):
-    """Whole-batch loss (no micro-batching): (loss, metrics). ce_weight 0: the LLM is not
-    run (tower pretraining: the cell objective alone). dense_fraction: that share of the
-    rows keeps every token (`dense_rows`, drawn from rng)."""
-    if dense_fraction:
+def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, obj: Objective = Objective(), *,
+            remat: str = "none", denom: Any = None):
+    """Whole-batch loss (no micro-batching): (loss, metrics), as one train step computes it
+    (the dense rows of ``obj.dense_fraction`` drawn from rng). ``obj.ce_loss_weight = 0``:
+    the LLM is not run (tower pretraining: the cell objective alone)."""
+    if obj.dense_fraction:
         batch = dict(batch, dense_rows=dense_rows(rng, batch["tokens"].shape[0],
-                                                  dense_fraction))
+                                                  obj.dense_fraction))
     if denom is None:
-        denom = loss_denominators(batch, cfg, text_ratio_mean)
-    batch = dict(batch, ce_weight=ce_weights(batch["labels"], ce_group_size))
-    sums, _ = forward_train(params, cfg, batch, rng, tau, remat=remat, ce_chunk=ce_chunk,
-                            cell_per_token=cell_per_token, attention_grid=attention_grid,
-                            attention_layer=attention_layer, attention_head=attention_head,
-                            attention_target=attention_target, choice_layer=choice_layer,
-                            choice_head=choice_head, letter_layer=letter_layer,
-                            letter_head=letter_head, copy=bool(copy_weight),
-                            run_llm=bool(ce_weight))
-    return combine(sums, denom, cfg, cell_weight, attention_weight, choice_weight, pair_weight,
-                   ce_weight, letter_weight, copy_weight)
+        denom = loss_denominators(batch, cfg, obj.text_ratio_mean)
+    batch = dict(batch, ce_weight=ce_weights(batch["labels"], obj.ce_group_size))
+    sums, _ = forward_train(params, cfg, batch, rng, tau, obj, remat=remat)
+    return combine(sums, denom, cfg, obj)

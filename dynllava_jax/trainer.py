@@ -71,34 +71,13 @@ class StepConfig:
     total_steps: int
     microbatches: int = 1
     remat: str = "none"
-    gumbel_start_tau: float = 1.0
-    gumbel_end_tau: float = 0.1
-    text_ratio_mean: str = "all"
-    ce_group_size: int = 0
-    ce_chunk: int = 0
-    ce_loss_weight: float = 1.0
-    cell_loss_weight: float = 0.0
-    cell_per_token: bool = False
-    attention_loss_weight: float = 0.0
-    attention_grid: int = 0
-    attention_layer: int = 1
-    attention_head: int = 0
-    attention_target: str = "mass"
-    pair_loss_weight: float = 0.0
-    choice_loss_weight: float = 0.0
-    choice_layer: int = 2
-    choice_head: int = 1
-    letter_loss_weight: float = 0.0
-    letter_layer: int = 0
-    letter_head: int = 0
-    copy_loss_weight: float = 0.0
-    dense_fraction: float = 0.0
+    objective: O.Objective = O.Objective()
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation,
                     schedules: dict, mesh=None) -> Callable:
     """The (un-jitted) train step ``(state, batch) -> (state, metrics)``."""
-    g = int(sc.microbatches)
+    g, ob = int(sc.microbatches), sc.objective
     constrain = None
     if mesh is not None:  # activations: batch over ('data', 'fsdp')
         def constrain(x):
@@ -109,29 +88,18 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
         b = batch["tokens"].shape[0]
         if b % g:
             raise ValueError(f"batch {b} is not divisible by {g} micro-batches")
-        tau = O.gumbel_tau(state.step, sc.total_steps, sc.gumbel_start_tau, sc.gumbel_end_tau)
+        tau = O.gumbel_tau(state.step, sc.total_steps, ob.gumbel_start_tau, ob.gumbel_end_tau)
         rng = jax.random.fold_in(state.rng, state.step)
-        if sc.dense_fraction:
-            batch = dict(batch, dense_rows=O.dense_rows(rng, b, sc.dense_fraction))
-        denom = O.loss_denominators(batch, cfg, sc.text_ratio_mean)
+        if ob.dense_fraction:
+            batch = dict(batch, dense_rows=O.dense_rows(rng, b, ob.dense_fraction))
+        denom = O.loss_denominators(batch, cfg, ob.text_ratio_mean)
         batch = dict(batch, sample_id=jnp.arange(b, dtype=jnp.int32),
-                     ce_weight=O.ce_weights(batch["labels"], sc.ce_group_size))
+                     ce_weight=O.ce_weights(batch["labels"], ob.ce_group_size))
 
         def micro(tp, mb):
             sums, _ = O.forward_train(optim.merge_params(tp, state.frozen), cfg, mb, rng, tau,
-                                      remat=sc.remat, constrain=constrain, ce_chunk=sc.ce_chunk,
-                                      cell_per_token=sc.cell_per_token,
-                                      attention_grid=sc.attention_grid,
-                                      attention_layer=sc.attention_layer,
-                                      attention_head=sc.attention_head,
-                                      attention_target=sc.attention_target,
-                                      choice_layer=sc.choice_layer, choice_head=sc.choice_head,
-                                      letter_layer=sc.letter_layer, letter_head=sc.letter_head,
-                                      copy=bool(sc.copy_loss_weight),
-                                      run_llm=bool(sc.ce_loss_weight))
-            loss, _ = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
-                                sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight,
-                                sc.letter_loss_weight, sc.copy_loss_weight)
+                                      ob, remat=sc.remat, constrain=constrain)
+            loss, _ = O.combine(sums, denom, cfg, ob)
             return loss, jax.tree_util.tree_map(jnp.sum, sums)
 
         grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -160,9 +128,7 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             s0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), s_shape)
             (grads, sums), _ = jax.lax.scan(body, (g0, s0), mbs)
             grads = jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), grads, state.params)
-        _, metrics = O.combine(sums, denom, cfg, sc.cell_loss_weight, sc.attention_loss_weight,
-                               sc.choice_loss_weight, sc.pair_loss_weight, sc.ce_loss_weight,
-                               sc.letter_loss_weight, sc.copy_loss_weight)
+        _, metrics = O.combine(sums, denom, cfg, ob)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update(
@@ -496,28 +462,7 @@ class Trainer:
         self.tx, self.schedules = optim.make_optimizer(config.optim, self.total_steps)
         self.step_config = StepConfig(
             total_steps=self.total_steps, microbatches=g, remat=tc.remat,
-            gumbel_start_tau=config.objective.gumbel_start_tau,
-            gumbel_end_tau=config.objective.gumbel_end_tau,
-            text_ratio_mean=config.objective.text_ratio_mean,
-            ce_group_size=int(config.objective.ce_group_size),
-            ce_chunk=int(config.objective.get("ce_chunk", 0)),
-            ce_loss_weight=float(config.objective.get("ce_loss_weight", 1.0)),
-            cell_loss_weight=float(config.objective.get("cell_loss_weight", 0.0)),
-            cell_per_token=bool(config.objective.get("cell_per_token", False)),
-            attention_loss_weight=float(config.objective.get("attention_loss_weight", 0.0)),
-            attention_grid=int(config.data.get("cell_grid", 0)),
-            attention_layer=int(config.objective.get("attention_layer", 1)),
-            attention_head=int(config.objective.get("attention_head", 0)),
-            attention_target=str(config.objective.get("attention_target", "mass")),
-            choice_loss_weight=float(config.objective.get("choice_loss_weight", 0.0)),
-            pair_loss_weight=float(config.objective.get("pair_loss_weight", 0.0)),
-            choice_layer=int(config.objective.get("choice_layer", 2)),
-            choice_head=int(config.objective.get("choice_head", 1)),
-            letter_loss_weight=float(config.objective.get("letter_loss_weight", 0.0)),
-            letter_layer=int(config.objective.get("letter_layer", 0)),
-            letter_head=int(config.objective.get("letter_head", 0)),
-            copy_loss_weight=float(config.objective.get("copy_loss_weight", 0.0)),
-            dense_fraction=float(config.objective.get("dense_fraction", 0.0)))
+            objective=O.Objective.from_config(config.objective, config.data.get("cell_grid", 0)))
         self._check_tower_pretraining()
         self._check_dense_fraction()
         self._check_cells()
@@ -533,26 +478,27 @@ class Trainer:
     def _check_tower_pretraining(self):
         """objective.ce_loss_weight 0 skips the LLM: only a loss that does not read it may be
         on (the cell objective), and something must be trained."""
-        sc = self.step_config
-        if sc.ce_loss_weight < 0:
-            raise ValueError(f"objective.ce_loss_weight must be >= 0, not {sc.ce_loss_weight}")
-        if sc.ce_loss_weight:
+        ob = self.step_config.objective
+        if ob.ce_loss_weight < 0:
+            raise ValueError(f"objective.ce_loss_weight must be >= 0, not {ob.ce_loss_weight}")
+        if ob.ce_loss_weight:
             return
         on = [k for k in ("attention_loss_weight", "pair_loss_weight", "choice_loss_weight",
-                          "letter_loss_weight", "copy_loss_weight") if getattr(sc, k)]
+                          "letter_loss_weight", "copy_loss_weight") if getattr(ob, k)]
         if O.sparsifies(self.cfg):
             on.append("the predictors (sparse.use_vision_predictor / use_output_text_predictor)")
         if on:
             raise ValueError("objective.ce_loss_weight = 0 runs no LLM (tower pretraining), "
                              f"but these read it: {', '.join(on)}")
-        if not sc.cell_loss_weight:
+        if not ob.cell_loss_weight:
             raise ValueError("objective.ce_loss_weight = 0 leaves nothing to train: set "
                              "objective.cell_loss_weight > 0 (tower pretraining)")
 
     def _check_dense_fraction(self):
         """objective.dense_fraction: a share of each global batch that runs unpruned, only
         meaningful while a predictor prunes, and at least one row and one pruned row."""
-        f, b = self.step_config.dense_fraction, int(self.config.train.global_batch_size)
+        f = self.step_config.objective.dense_fraction
+        b = int(self.config.train.global_batch_size)
         if not f:
             return
         if not 0.0 < f < 1.0:
@@ -570,7 +516,7 @@ class Trainer:
         the image tokens."""
         c, v = self.config, self.cfg.vision
         self.cell_grid = g = int(c.data.get("cell_grid", 0))
-        if self.step_config.cell_loss_weight and not g:
+        if self.step_config.objective.cell_loss_weight and not g:
             raise ValueError("objective.cell_loss_weight needs data.cell_grid > 0 (records "
                              "with cell_text)")
         if g and c.train.data != "pipeline":
@@ -579,8 +525,8 @@ class Trainer:
         if g and side % g:
             raise ValueError(f"data.cell_grid {g} does not divide the {side} x {side} image tokens")
         self.attention_turns = r = int(c.data.get("attention_turns", 0))
-        sc = self.step_config
-        if sc.attention_loss_weight and not r:
+        ob = self.step_config.objective
+        if ob.attention_loss_weight and not r:
             raise ValueError("objective.attention_loss_weight needs data.attention_turns > 0 "
                              "(records with turn_cells)")
         if r and not g:
@@ -589,26 +535,26 @@ class Trainer:
         if r and c.train.data != "pipeline":
             raise ValueError("data.attention_turns needs train.data='pipeline'")
         if r:
-            O.check_attention_options(self.cfg, sc.attention_layer, sc.attention_head,
-                                      sc.attention_target)
+            O.check_attention_options(self.cfg, ob.attention_layer, ob.attention_head,
+                                      ob.attention_target)
         self.attention_pairs = pr = bool(c.data.get("attention_pairs", False))
-        if sc.pair_loss_weight and not pr:
+        if ob.pair_loss_weight and not pr:
             raise ValueError("objective.pair_loss_weight needs data.attention_pairs = True "
                              "(records with turn_pairs)")
         if pr and not r:
             raise ValueError("data.attention_pairs needs data.attention_turns > 0")
         if pr:
-            O.check_attention_options(self.cfg, sc.attention_layer, sc.attention_head + 1,
-                                      sc.attention_target)
+            O.check_attention_options(self.cfg, ob.attention_layer, ob.attention_head + 1,
+                                      ob.attention_target)
         self.choice_targets = ch = bool(c.data.get("choice_targets", False))
         for k in ("choice_loss_weight", "letter_loss_weight", "copy_loss_weight"):
-            if getattr(sc, k) and not ch:
+            if getattr(ob, k) and not ch:
                 raise ValueError(f"objective.{k} needs data.choice_targets = True")
         if ch and c.train.data != "pipeline":
             raise ValueError("data.choice_targets needs train.data='pipeline'")
         if ch:
-            O.check_choice_options(self.cfg, sc.choice_layer, sc.choice_head)
-            O.check_choice_options(self.cfg, sc.letter_layer, sc.letter_head, "letter")
+            O.check_choice_options(self.cfg, ob.choice_layer, ob.choice_head)
+            O.check_choice_options(self.cfg, ob.letter_layer, ob.letter_head, "letter")
 
     def _setup_model_config(self):
         from .checkpoint import load_config

@@ -3,6 +3,7 @@ answer spans, policy, loss terms, against naive references written here."""
 
 import itertools
 import math
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -267,8 +268,8 @@ def test_cell_objective_matches_naive_formula(tiny, batch):
     targets = np.random.default_rng(0).integers(-1, v, (6, g * g, 2)).astype(np.int32)
     bt = dict(batch, cell_targets=targets)
     w, rng, tau = 0.5, jax.random.PRNGKey(0), jnp.float32(0.5)
-    f = jax.jit(lambda b, cw: O.loss_fn(params, cfg, b, rng, tau, cell_weight=cw),
-                static_argnums=1)
+    f = jax.jit(lambda b, cw: O.loss_fn(params, cfg, b, rng, tau,
+                                        O.Objective(cell_loss_weight=cw)), static_argnums=1)
     loss, m = f(bt, w)
     loss0, _ = f(batch, 0.0)
 
@@ -295,7 +296,7 @@ def test_cell_objective_matches_naive_formula(tiny, batch):
     cw = np.asarray(O.ce_weights(jnp.asarray(batch["labels"])))
     ids = np.arange(6, dtype=np.int32)
     part = jax.jit(lambda b: O.combine(O.forward_train(params, cfg, b, rng, tau)[0], denom, cfg,
-                                       w)[0])
+                                       O.Objective(cell_loss_weight=w))[0])
     total = sum(float(part({**{k: val[h] for k, val in bt.items()}, "sample_id": ids[h],
                             "ce_weight": cw[h]})) for h in (np.array([0, 2, 4]), np.array([1, 3, 5])))
     np.testing.assert_allclose(total, float(loss), rtol=1e-5)
@@ -332,7 +333,7 @@ def test_chunked_cross_entropy_equals_whole(tiny, batch, run):
     cfg, params = tiny
 
     def f(p, bt, rng, tau):
-        sums, _ = O.forward_train(p, cfg, bt, rng, tau, ce_chunk=32)
+        sums, _ = O.forward_train(p, cfg, bt, rng, tau, O.Objective(ce_chunk=32))
         return O.combine(sums, O.loss_denominators(bt, cfg), cfg)[0]
 
     loss, grads = jax.jit(jax.value_and_grad(f))(params, batch, jax.random.PRNGKey(0),
@@ -341,7 +342,8 @@ def test_chunked_cross_entropy_equals_whole(tiny, batch, run):
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(run["grads"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="must divide"):
-        O.forward_train(params, cfg, batch, jax.random.PRNGKey(0), jnp.float32(0.5), ce_chunk=48)
+        O.forward_train(params, cfg, batch, jax.random.PRNGKey(0), jnp.float32(0.5),
+                        O.Objective(ce_chunk=48))
 
 
 def _attention_queries_loops(labels, turn_cells, image_start):
@@ -405,8 +407,8 @@ def test_attention_objective_matches_naive_formula(tiny, batch):
     turns[:, 0] = np.arange(6) % (g * g)    # every sample with an image marks its first answer
     bt = dict(batch, turn_cells=turns)
     rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
-    kw = dict(attention_grid=g, attention_layer=layer, attention_head=head)
-    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, **kw)[0])
+    ob = O.Objective(attention_grid=g, attention_layer=layer, attention_head=head)
+    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, ob)[0])
     sums, sums0 = fwd(bt), fwd(batch)
     for k in ("ce_sum", "img_sq", "txt_sq", "img_kept", "txt_kept"):
         np.testing.assert_allclose(sums[k], sums0[k], rtol=1e-5, atol=1e-7)
@@ -441,13 +443,14 @@ def test_attention_objective_matches_naive_formula(tiny, batch):
                         mass, logs = mass + p[j], logs + [np.log(p[j])]
             tot, tot_u, n = tot - np.log(max(mass, 1e-6)), tot_u - np.mean(logs), n + 1
     assert n >= (batch["image_start"] >= 0).sum() >= 3   # each image sample: its first answer
-    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, attention_weight=w, **kw))(bt)
+    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau,
+                                          replace(ob, attention_loss_weight=w)))(bt)
     loss0, _ = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau))(batch)
     np.testing.assert_allclose(float(m["attn_loss"]), tot / n, rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(loss0) + w * tot / n, rtol=1e-5)
     assert 0 < float(m["attn_mass"]) < 1
-    _, mu = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, attention_weight=w,
-                                        attention_target="uniform", **kw))(bt)
+    uniform = replace(ob, attention_loss_weight=w, attention_target="uniform")
+    _, mu = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, uniform))(bt)
     np.testing.assert_allclose(float(mu["attn_loss"]), tot_u / n, rtol=1e-5)
     assert float(mu["attn_mass"]) == pytest.approx(float(m["attn_mass"]), rel=1e-6)
 
@@ -455,13 +458,13 @@ def test_attention_objective_matches_naive_formula(tiny, batch):
     assert float(denom["attn"]) == n
     cw = np.asarray(O.ce_weights(jnp.asarray(batch["labels"])))
     ids = np.arange(6, dtype=np.int32)
-    part = jax.jit(lambda b: O.combine(O.forward_train(params, cfg, b, rng, tau, **kw)[0], denom,
-                                       cfg, 0.0, w)[0])
+    part = jax.jit(lambda b: O.combine(O.forward_train(params, cfg, b, rng, tau, ob)[0], denom,
+                                       cfg, replace(ob, attention_loss_weight=w))[0])
     total = sum(float(part({**{k: val[h] for k, val in bt.items()}, "sample_id": ids[h],
                             "ce_weight": cw[h]})) for h in (np.array([0, 2, 4]), np.array([1, 3, 5])))
     np.testing.assert_allclose(total, float(loss), rtol=1e-5)
     with pytest.raises(ValueError, match="before the sparse layer"):
-        O.forward_train(params, cfg, bt, rng, tau, attention_grid=g, attention_layer=2)
+        O.forward_train(params, cfg, bt, rng, tau, O.Objective(attention_grid=g, attention_layer=2))
 
 
 def test_choice_objective_matches_naive_formula(tiny, batch):
@@ -484,8 +487,8 @@ def test_choice_objective_matches_naive_formula(tiny, batch):
             prev = e
     bt = dict(batch, choice_keys=keys)
     rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
-    kw = dict(choice_layer=layer, choice_head=head)
-    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, **kw))
+    ob = O.Objective(choice_layer=layer, choice_head=head)
+    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, ob))
     (sums, policy), (sums0, _) = fwd(bt), fwd(batch)
     for k in ("ce_sum", "img_sq", "txt_sq", "img_kept", "txt_kept"):
         np.testing.assert_allclose(sums[k], sums0[k], rtol=1e-5, atol=1e-7)
@@ -525,17 +528,19 @@ def test_choice_objective_matches_naive_formula(tiny, batch):
             m_ = logits.max()
             copy += m_ + np.log(np.exp(logits - m_).sum()) - logits[batch["labels"][b, s]]
     assert n >= 4
-    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, choice_weight=w, **kw))(bt)
+    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau,
+                                          replace(ob, choice_loss_weight=w)))(bt)
     loss0, _ = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau))(batch)
     np.testing.assert_allclose(float(m["choice_loss"]), tot / n, rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(loss0) + w * tot / n, rtol=1e-5)
-    loss_c, mc = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, copy_weight=0.5, **kw))(bt)
+    loss_c, mc = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau,
+                                             replace(ob, copy_loss_weight=0.5)))(bt)
     np.testing.assert_allclose(float(mc["copy_loss"]), copy / n, rtol=1e-4)
     np.testing.assert_allclose(float(loss_c), float(loss0) + 0.5 * copy / n, rtol=1e-5)
     assert 0 < float(m["choice_mass"]) < 1
     assert float(O.loss_denominators(bt, cfg)["choice"]) == n
     with pytest.raises(ValueError, match="choice_layer"):
-        O.forward_train(params, cfg, bt, rng, tau, choice_layer=c.num_layers)
+        O.forward_train(params, cfg, bt, rng, tau, O.Objective(choice_layer=c.num_layers))
 
 
 def test_pair_objective_is_two_heads_attention_objective(tiny, batch):
@@ -548,8 +553,9 @@ def test_pair_objective_is_two_heads_attention_objective(tiny, batch):
     pairs = rs.integers(-1, g * g, (6, 3, 2)).astype(np.int32)
     pairs[:, 0] = np.stack([np.arange(6) % 4, (np.arange(6) + 1) % 4], -1)
     rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
-    kw = dict(attention_grid=g, attention_layer=layer)
-    fwd = jax.jit(lambda b, h: O.forward_train(params, cfg, b, rng, tau, attention_head=h, **kw)[0],
+    ob = O.Objective(attention_grid=g, attention_layer=layer)
+    fwd = jax.jit(lambda b, h: O.forward_train(params, cfg, b, rng, tau,
+                                               replace(ob, attention_head=h))[0],
                   static_argnums=1)
     both = fwd(dict(batch, turn_cells=turns, pair_cells=pairs), head)
     first = fwd(dict(batch, turn_cells=pairs[..., 0]), head)
@@ -561,11 +567,12 @@ def test_pair_objective_is_two_heads_attention_objective(tiny, batch):
     n = sum(int((O.attention_queries(jnp.asarray(batch["labels"]), jnp.asarray(pairs[..., k]),
                                      jnp.asarray(batch["image_start"])) >= 0).sum()) for k in (0, 1))
     assert float(denom["pair"]) == n >= 6
-    _, m = O.combine(both, denom, cfg, 0.0, 0.0, 0.0, w)
+    _, m = O.combine(both, denom, cfg, O.Objective(pair_loss_weight=w))
     np.testing.assert_allclose(float(m["pair_loss"]),
                                float((first["attn_sum"] + second["attn_sum"]).sum()) / n, rtol=1e-6)
     with pytest.raises(ValueError, match="attention_head"):
-        O.forward_train(params, cfg, bt, rng, tau, attention_head=cfg.llm.num_heads - 1, **kw)
+        O.forward_train(params, cfg, bt, rng, tau,
+                        replace(ob, attention_head=cfg.llm.num_heads - 1))
 
 
 def test_letter_objective_matches_naive_formula(tiny, batch):
@@ -581,8 +588,8 @@ def test_letter_objective_matches_naive_formula(tiny, batch):
             letters[b, q] = q - int(rs.integers(1, 4))
     bt = dict(batch, option_letters=letters)
     rng, tau = jax.random.PRNGKey(0), jnp.float32(0.5)
-    kw = dict(letter_layer=layer, letter_head=head)
-    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, **kw))
+    ob = O.Objective(letter_layer=layer, letter_head=head)
+    fwd = jax.jit(lambda b: O.forward_train(params, cfg, b, rng, tau, ob))
     sums, sums0 = fwd(bt)[0], fwd(batch)[0]
     for k in ("ce_sum", "img_sq", "txt_sq", "img_kept", "txt_kept"):
         np.testing.assert_allclose(sums[k], sums0[k], rtol=1e-5, atol=1e-7)
@@ -602,14 +609,15 @@ def test_letter_objective_matches_naive_formula(tiny, batch):
             p = np.where(vis, np.exp(sc - sc[vis].max()), 0.0)
             tot, n = tot - np.log(max(p[letters[b, qi]] / p.sum(), 1e-6)), n + 1
     assert n == 24
-    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau, letter_weight=w, **kw))(bt)
+    loss, m = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau,
+                                          replace(ob, letter_loss_weight=w)))(bt)
     loss0, _ = jax.jit(lambda b: O.loss_fn(params, cfg, b, rng, tau))(batch)
     np.testing.assert_allclose(float(m["letter_loss"]), tot / n, rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(loss0) + w * tot / n, rtol=1e-5)
     assert 0 < float(m["letter_mass"]) < 1
     assert float(O.loss_denominators(bt, cfg)["letter"]) == n
     with pytest.raises(ValueError, match="letter_head"):
-        O.forward_train(params, cfg, bt, rng, tau, letter_head=c.num_heads)
+        O.forward_train(params, cfg, bt, rng, tau, O.Objective(letter_head=c.num_heads))
 
 
 def test_dense_rows_keep_every_token_and_leave_the_ratio_losses(tiny, batch, run):
@@ -649,7 +657,21 @@ def test_dense_rows_keep_every_token_and_leave_the_ratio_losses(tiny, batch, run
     np.testing.assert_allclose(float(m["txt_ratio_loss"]), sc.mask_loss_weight * want_txt,
                                rtol=1e-5)
     # loss_fn draws its rows from the key, as the train step does
-    loss, _ = O.loss_fn(params, cfg, batch, rng, tau, dense_fraction=0.5)
+    loss, _ = O.loss_fn(params, cfg, batch, rng, tau, O.Objective(dense_fraction=0.5))
     drawn = dict(batch, dense_rows=np.asarray(O.dense_rows(rng, 6, 0.5)))
     sums2 = jax.device_get(f(drawn))
     np.testing.assert_allclose(float(loss), float(sums2[2]["loss"]), rtol=1e-5)
+
+
+def test_every_objective_option_of_the_config_reaches_the_step():
+    """`Objective` holds exactly the config's ``objective.*`` options (plus the grid from
+    ``data.cell_grid``), so that none is dropped on its way to the train step."""
+    import dataclasses
+    import configs
+    c = configs.base_config()
+    fields = {f.name for f in dataclasses.fields(O.Objective)}
+    assert fields - {"attention_grid"} == set(c.objective.keys())
+    c.objective.dense_fraction, c.objective.attention_target = 0.5, "uniform"
+    ob = O.Objective.from_config(c.objective, 3)
+    assert (ob.dense_fraction, ob.attention_target, ob.attention_grid) == (0.5, "uniform", 3)
+    assert O.Objective.from_config(configs.base_config().objective) == O.Objective()

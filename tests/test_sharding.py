@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     import ml_collections as mlc
     from jax.sharding import PartitionSpec as P
-    from dynllava_jax import sharding as S, trainer as T, optim, model as M
+    from dynllava_jax import sharding as S, trainer as T, optim, model as M, objective as O
     from dynllava_jax.checkpoint import load_converted
     from dynllava_jax.config import preset
 
@@ -60,8 +60,8 @@ SCRIPT = textwrap.dedent(r"""
                                  ("sharded", S.make_mesh(2, 2, 2), 2, "full")):
         state, sh = T.create_sharded_state(params, tx, jax.random.PRNGKey(7), groups, mesh)
         # a quarter of each batch unpruned (objective.dense_fraction): the same rows on both
-        sc = T.StepConfig(total_steps=10, microbatches=g, remat=remat, ce_group_size=4,
-                          dense_fraction=0.25)
+        sc = T.StepConfig(total_steps=10, microbatches=g, remat=remat,
+                          objective=O.Objective(ce_group_size=4, dense_fraction=0.25))
         step = T.jit_train_step(T.make_train_step(cfg, sc, tx, sch, mesh), sh,
                                 S.batch_shardings(batch, mesh), mesh)
         gb = S.host_local_to_global(batch, mesh, 8)
