@@ -121,7 +121,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -403,12 +402,9 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, obj: Objectiv
                     obj.attention_head + k, obj.attention_target)
                 out.update(pair_sum=out["pair_sum"] + p_sum, pair_mass=out["pair_mass"] + p_mass)
         if sparse and stop == sc.sparse_layer:
-            policy, dec = sparse_policy(params, cfg, x, labels, lengths, image_start, positions,
-                                        k_img, k_txt, tau)
             dense = batch.get("dense_rows")
-            if dense is not None:   # kept whole: no decisions, nothing to the ratio losses
-                policy = jnp.where(dense[:, None], 1.0, policy)
-                dec = {k: jnp.where(dense, 0.0, v) for k, v in dec.items()}
+            policy, dec = sparse_policy(params, cfg, x, labels, lengths, image_start, positions,
+                                        k_img, k_txt, tau, None if dense is None else ~dense)
             out.update(dec)
         if ckeys is not None and stop == obj.choice_layer:
             rank_BT = choice_queries(labels, ckeys)
@@ -438,15 +434,18 @@ def forward_train(params, cfg: ModelConfig, batch: dict, rng, tau, obj: Objectiv
 
 
 def sparse_policy(params, cfg: ModelConfig, x_BTH, labels, lengths, image_start, positions,
-                  k_img, k_txt, tau):
+                  k_img, k_txt, tau, pruned_B=None):
     """(policy [B, T], per-sample sums) at the sparse layer (module doc, step 2): Gumbel
-    hard decisions of both predictors from the hidden states entering it."""
+    hard decisions of both predictors from the hidden states entering it. Rows where
+    `pruned_B` is False (`dense_rows`) are treated like a text-only sample with a short
+    answer: every token kept, nothing to the ratio losses."""
     sc = cfg.sparse
     b, t = labels.shape
     out = {}
     policy = jnp.ones((b, t), jnp.float32)
     n_img = cfg.num_image_tokens
-    has_img = image_start >= 0
+    pruned = jnp.ones((b,), bool) if pruned_B is None else pruned_B
+    has_img = (image_start >= 0) & pruned   # the rows whose image tokens are decided
     if sc.use_vision_predictor:
         logits = M.image_scores(params, cfg, x_BTH, image_start).astype(jnp.float32)
         m_img = jax.vmap(lambda lg, k: gumbel_hard_keep(lg, k, tau))(logits, k_img)  # [B,N]
@@ -463,7 +462,7 @@ def sparse_policy(params, cfg: ModelConfig, x_BTH, labels, lengths, image_start,
     if sc.use_output_text_predictor:
         start, end = answer_span(labels, lengths)
         in_ans = (positions >= start[:, None]) & (positions < end[:, None])
-        long = (end - start) >= sc.output_text_len_for_training
+        long = ((end - start) >= sc.output_text_len_for_training) & pruned
         logits = M.text_scores(params, cfg, x_BTH).astype(jnp.float32)
         m_txt = jax.vmap(lambda lg, k: gumbel_hard_keep(lg, k, tau))(logits, k_txt)  # [B,T]
         m_txt = jnp.where(long[:, None], m_txt, 1.0)
@@ -738,16 +737,25 @@ def combine(sums: dict, denom: dict, cfg: ModelConfig,
     return loss, metrics
 
 
-def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, obj: Objective = Objective(), *,
-            remat: str = "none", denom: Any = None):
-    """Whole-batch loss (no micro-batching): (loss, metrics), as one train step computes it
-    (the dense rows of ``obj.dense_fraction`` drawn from rng). ``obj.ce_loss_weight = 0``:
-    the LLM is not run (tower pretraining: the cell objective alone)."""
+def step_inputs(batch: dict, cfg: ModelConfig, obj: Objective, rng) -> tuple[dict, dict]:
+    """(the global batch as `forward_train` takes it, the loss's normalisers), computed once
+    over the whole global batch before any split into micro-batches: the dense rows of
+    ``obj.dense_fraction`` drawn from the step's key, `loss_denominators`, each sample's
+    index and CE weight."""
+    b = batch["tokens"].shape[0]
     if obj.dense_fraction:
-        batch = dict(batch, dense_rows=dense_rows(rng, batch["tokens"].shape[0],
-                                                  obj.dense_fraction))
-    if denom is None:
-        denom = loss_denominators(batch, cfg, obj.text_ratio_mean)
-    batch = dict(batch, ce_weight=ce_weights(batch["labels"], obj.ce_group_size))
+        batch = dict(batch, dense_rows=dense_rows(rng, b, obj.dense_fraction))
+    denom = loss_denominators(batch, cfg, obj.text_ratio_mean)
+    batch = dict(batch, sample_id=jnp.arange(b, dtype=jnp.int32),
+                 ce_weight=ce_weights(batch["labels"], obj.ce_group_size))
+    return batch, denom
+
+
+def loss_fn(params, cfg: ModelConfig, batch: dict, rng, tau, obj: Objective = Objective(), *,
+            remat: str = "none"):
+    """Whole-batch loss (no micro-batching): (loss, metrics), as one train step computes it.
+    ``obj.ce_loss_weight = 0``: the LLM is not run (tower pretraining: the cell objective
+    alone)."""
+    batch, denom = step_inputs(batch, cfg, obj, rng)
     sums, _ = forward_train(params, cfg, batch, rng, tau, obj, remat=remat)
     return combine(sums, denom, cfg, obj)

@@ -90,11 +90,7 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             raise ValueError(f"batch {b} is not divisible by {g} micro-batches")
         tau = O.gumbel_tau(state.step, sc.total_steps, ob.gumbel_start_tau, ob.gumbel_end_tau)
         rng = jax.random.fold_in(state.rng, state.step)
-        if ob.dense_fraction:
-            batch = dict(batch, dense_rows=O.dense_rows(rng, b, ob.dense_fraction))
-        denom = O.loss_denominators(batch, cfg, ob.text_ratio_mean)
-        batch = dict(batch, sample_id=jnp.arange(b, dtype=jnp.int32),
-                     ce_weight=O.ce_weights(batch["labels"], ob.ce_group_size))
+        batch, denom = O.step_inputs(batch, cfg, ob, rng)
 
         def micro(tp, mb):
             sums, _ = O.forward_train(optim.merge_params(tp, state.frozen), cfg, mb, rng, tau,
