@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--text-kv-budget", type=float,
                    help="sparse-layer cache slots for generated tokens, as a fraction of --max-new-tokens "
                         "(default 1.0: exact; below 1 a full cache keeps its highest-scoring tokens)")
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn", "splash"], default="auto",
+                   help="prompt-pass attention: auto (cuDNN on NVIDIA GPUs in half precision, TPU "
+                        "splash attention where it compiles, XLA otherwise) or one forced")
     p.add_argument("--json", action="store_true", help="one JSON object per answer on stdout")
     p.add_argument("--compile-cache", metavar="DIR", default=default_compile_cache(),
                    help="keep compiled programs here across runs (default: %(default)s; "
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
     opts = GenOptions(max_new_tokens=a.max_new_tokens, mode=mode, use_cache=not a.no_kv_cache,
                       vision_keep_rate=a.vision_keep_rate,
                       text_kv_budget=1.0 if a.text_kv_budget is None else a.text_kv_budget,
-                      greedy=a.temperature == 0.0)
+                      greedy=a.temperature == 0.0, attention=a.attention)
     if mode == "dense" and (a.vision_keep_rate is not None or a.text_kv_budget is not None):
         fail(f"--vision-keep-rate and --text-kv-budget apply to --mode dynamic; {ckpt} runs dense")
     run = lambda reqs, ids=None: model.answer(reqs, opts, temperature=a.temperature, top_p=a.top_p,

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import IMPLEMENTATIONS
 from .config import PRESETS, LLMConfig, ModelConfig, SparseConfig, VisionConfig, preset
 from .generate import (DecodeJit, GenOptions, compacted_length, decode_step, generate,
                        inference_params, jit_decode, jit_prefill, kv_bytes, prefill)
@@ -80,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure the process's peak memory growth during one whole generation")
     p.add_argument("--no-bytes", action="store_true",
                    help="skip the cost analyses (prefill FLOPs, bytes per decoding step)")
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
+                   help="prompt-pass attention (as infer.py --attention)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -356,7 +359,8 @@ def bench_speed(a) -> dict:
         prompts, batch, pixels = make_inputs(cfg, b, a.text_tokens, not a.text_only, a.seed, a.new_tokens)
         impls: dict[str, Any] = {}
         for mode in a.modes:
-            impls[mode] = Ours(params, cfg, batch, pixels, GenOptions(max_new_tokens=a.new_tokens, mode=mode))
+            impls[mode] = Ours(params, cfg, batch, pixels, GenOptions(max_new_tokens=a.new_tokens, mode=mode,
+                                                                       attention=a.attention))
         if a.vs_torch:
             _log(a, f"batch {b}: building the PyTorch model ...")
             impls["torch"] = Torch(cfg, prompts, pixels, a.seed)
@@ -397,7 +401,8 @@ def bench_speed(a) -> dict:
                                         for m in ("prefill_ms", "decode_ms_per_token", "generation_s")}
         if a.no_cache:
             for mode in a.modes:
-                opts = GenOptions(max_new_tokens=a.new_tokens, mode=mode, use_cache=False)
+                opts = GenOptions(max_new_tokens=a.new_tokens, mode=mode, use_cache=False,
+                                  attention=a.attention)
                 generate(params, cfg, batch, pixels, opts)  # compiles every bucket
                 ts = []
                 for _ in range(a.repeats):
@@ -407,7 +412,7 @@ def bench_speed(a) -> dict:
                 row[mode]["no_cache_generation_s"] = _median(ts)
         if a.memory:
             for mode in a.modes:
-                opts = GenOptions(max_new_tokens=a.new_tokens, mode=mode)
+                opts = GenOptions(max_new_tokens=a.new_tokens, mode=mode, attention=a.attention)
                 res = generate(params, cfg, batch, pixels, opts)  # compiled before measuring
                 del res
                 with PeakMemory() as m:

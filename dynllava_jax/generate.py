@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 
 from . import kv_cache
 from . import sharding as S
+from .attention import IMPLEMENTATIONS, prompt_attention
 from .config import ModelConfig
 from .inputs import Batch, round_up
 from .llama import run_stack, split_layers
@@ -59,6 +60,8 @@ class GenOptions:
     greedy: bool = True
     no_cache_bucket: int = 32  # generated-length bucket of the no-cache loop
     vocab_limit: int = 0  # ids >= this are never generated (a padded embedding's rows); 0: none
+    # Prompt-pass attention (attention.prompt_attention): "auto" | "xla" | "cudnn" | "splash".
+    attention: str = "auto"
 
     def prune_vision(self, cfg: ModelConfig) -> bool:
         return self.mode == "dynamic" and cfg.sparse.enabled and cfg.sparse.use_vision_predictor
@@ -151,6 +154,12 @@ def prefill(params, tokens, lengths, image_start, pixels, *, cfg: ModelConfig,
     """Prompt pass. Returns (first-token logits [B,V], DecodeState). With a `mesh`, the
     caches are sharded on batch and kv heads (`sharding.constrain_caches`)."""
     TRACES["prefill"] += 1
+    with prompt_attention(opts.attention, mesh):
+        return _prefill(params, tokens, lengths, image_start, pixels, cfg=cfg, opts=opts,
+                        compact_len=compact_len, mesh=mesh)
+
+
+def _prefill(params, tokens, lengths, image_start, pixels, *, cfg, opts, compact_len, mesh):
     params = inference_params(params)
     dt = compute_dtype(cfg)
     b, t = tokens.shape
@@ -258,6 +267,14 @@ def no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, st
     compacted length the next chunk needs: earlier decisions never change), `in_cache`
     (generated tokens fed back and kept, frozen once the sequence ended) and `image_keep`."""
     TRACES["no_cache"] += 1
+    with prompt_attention(opts.attention):
+        return _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, stats,
+                               temperature, top_p, start, stop, cfg=cfg, opts=opts,
+                               full_len=full_len, compact_len=compact_len)
+
+
+def _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, stats, temperature,
+                    top_p, start, stop, *, cfg, opts, full_len, compact_len):
     params = inference_params(params)
     dt = compute_dtype(cfg)
     b = seq.shape[0]
@@ -353,8 +370,12 @@ class DecodeJit:
 jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len", "mesh"))
 jit_decode = DecodeJit(decode_loop, static_argnames=("cfg", "opts", "mesh"), donate_argnames=("state",))
 jit_no_cache = jax.jit(no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len"))
-_jit_features = jax.jit(lambda params, pixels, cfg: image_features(params, cfg, pixels),
-                        static_argnames=("cfg",))
+def _features(params, pixels, cfg, attention):
+    with prompt_attention(attention):
+        return image_features(params, cfg, pixels)
+
+
+_jit_features = jax.jit(_features, static_argnames=("cfg", "attention"))
 
 
 def inference_params(params):
@@ -433,6 +454,8 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
     batch's."""
     if opts.mode not in ("dense", "dynamic"):
         raise ValueError(f"mode must be 'dense' or 'dynamic', not {opts.mode!r}")
+    if opts.attention not in IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, not {opts.attention!r}")
     if opts.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     params = inference_params(params)
@@ -496,7 +519,7 @@ def _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths, image_start,
     """`place` puts this process's rows (`b_local` of them) of a new batch array on the
     devices, `local` reads them back (see `generate`)."""
     n = opts.max_new_tokens
-    feats = _jit_features(params, pixels, cfg=cfg) if pixels is not None else None
+    feats = _jit_features(params, pixels, cfg=cfg, attention=opts.attention) if pixels is not None else None
     seq = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=cfg.pad_token_id)
     out = place(np.full((b_local, n), cfg.pad_token_id, np.int32))
     done = place(np.zeros((b_local,), bool))

@@ -82,10 +82,20 @@ SCRIPT = textwrap.dedent(r"""
 
     C.load_params, G.jit_prefill, G.jit_decode = load_spy, prefill_spy, decode_spy
 
-    def answers(model, configs=CONFIGS):
+    # TPU splash attention (Pallas's interpreter here) in shard_map: the shapes each device runs
+    from dynllava_jax import attention as A
+    real_splash_local = A._splash_local
+
+    def splash_spy(q, k, *a, **kw):
+        seen.setdefault("splash_local", set()).add((str(q.shape), str(k.shape)))
+        return real_splash_local(q, k, *a, **kw)
+
+    A._splash_local = splash_spy
+
+    def answers(model, configs=CONFIGS, attention="auto"):
         res = {}
         for mode, cache in configs:
-            o = GenOptions(max_new_tokens=%(n_new)d, mode=mode, use_cache=cache)
+            o = GenOptions(max_new_tokens=%(n_new)d, mode=mode, use_cache=cache, attention=attention)
             res[f"{mode}-{cache}"] = [{k: a[k] for k in FIELDS} for a in model.answer(REQS, o)]
         return res
 
@@ -115,6 +125,9 @@ SCRIPT = textwrap.dedent(r"""
         out[name + "_on_mesh"] = all(isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
                                      for x in jax.tree_util.tree_leaves(p))
         out[name] = answers(m, MESH_CONFIGS[name])
+        if name == "4x2":
+            out["4x2_splash"] = answers(m, [("dynamic", True), ("dense", True)], "splash")
+    out["splash_local"] = sorted(seen.pop("splash_local"))
     out["inputs"] = sorted(seen.pop("inputs"))
     out["all_gathers"] = seen.pop("all_gathers")
     out["seen"] = seen
@@ -145,6 +158,20 @@ def test_sharded_answers_equal_one_device(result, mesh):
     # dynamic really pruned (12 of 64 image tokens), dense kept all: the configs differ
     assert [a["image_tokens_kept"] for a in ref["dynamic-True"]] == [12, 0, 12]
     assert [a["image_tokens_kept"] for a in ref["dense-True"]] == [64, 0, 64]
+
+
+def test_splash_attention_sharded_equals_one_device(result):
+    """Prompt passes through splash attention on the 4x2 mesh: each device runs the kernel on
+    its own rows (batch 4 over data=4: 1) and heads over tensor=2 (the tiny LLM's 6 query / 2
+    kv heads: 3 / 1; the CLIP tower's and the image predictor's 4: 2), the lengths padded to
+    whole 128-token blocks; the answers are the one-device ones."""
+    assert set(result["4x2_splash"]) == {"dynamic-True", "dense-True"}
+    for config, answers in result["4x2_splash"].items():
+        assert answers == result["one_device"][config], config
+    # (q [rows, heads, T, D], k [rows, kv heads, S, D]) per device
+    local = sorted(tuple(eval(x) for x in pair) for pair in result["splash_local"])
+    assert local == [((1, 2, 128, 12), (1, 2, 128, 12)),  # tower (65 tokens), predictor (64)
+                     ((1, 3, 256, 16), (1, 1, 256, 16))], local  # LLM prompts
 
 
 @pytest.mark.parametrize("mesh", ["4x2", "8x1"])

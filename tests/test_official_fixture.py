@@ -51,13 +51,25 @@ def _questions(cases, tmp_path):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_official_tokens(mode, batch_size, converted, expected, fixtures_dir, tmp_path):
+    _check_official_tokens(mode, batch_size, [], converted, expected, fixtures_dir, tmp_path)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_official_tokens_with_splash_attention(mode, converted, expected, fixtures_dir, tmp_path):
+    """The prompt passes (vision tower, image predictor, LLM; every chunk of no-cache mode)
+    through TPU splash attention, here in Pallas's interpreter: the same tokens."""
+    _check_official_tokens(mode, 7, ["--attention", "splash"], converted, expected, fixtures_dir,
+                           tmp_path)
+
+
+def _check_official_tokens(mode, batch_size, extra, converted, expected, fixtures_dir, tmp_path):
     cases = [c for c in expected if c["mode"] == mode]
     assert len(cases) == 7
     q, ids = _questions(cases, tmp_path)
     r = subprocess.run([sys.executable, str(REPO / "infer.py"), "--checkpoint", str(converted),
                         "--questions", str(q), "--image-folder", str(fixtures_dir / "images"),
                         "--answers-file", str(tmp_path / "answers.jsonl"), "--max-new-tokens", "20",
-                        "--batch-size", str(batch_size), "--json", *MODES[mode]],
+                        "--batch-size", str(batch_size), "--json", *MODES[mode], *extra],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     got = {a["question_id"]: a for a in map(json.loads, r.stdout.splitlines())}

@@ -1,0 +1,101 @@
+"""TPU splash attention behind `attention.attention` (run here by Pallas's interpreter):
+the same values as the einsum path for every visibility generation asks for (causal with
+per-row lengths, full, grouped heads, lengths that are not whole blocks), chosen by "auto"
+only on TPU inside a prompt pass and only where the kernel compiles, and the official
+fixture's tokens through `infer.py --attention splash` (tests/test_official_fixture.py)
+and on a device mesh (tests/test_infer_sharded.py)."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynllava_jax import attention as A
+
+
+def _qkv(b, t, s, n, k, d, dtype, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(ks[0], (b, t, n, d)).astype(dtype),
+            jax.random.normal(ks[1], (b, s, k, d)).astype(dtype),
+            jax.random.normal(ks[2], (b, s, k, d)).astype(dtype))
+
+
+@pytest.mark.parametrize("b,t,n,k,d,causal,lengths,dtype,tol", [
+    (2, 200, 4, 2, 32, True, [200, 77], jnp.float32, 2e-6),   # prompts: causal, ragged, GQA
+    (2, 130, 4, 4, 16, False, None, jnp.float32, 2e-6),       # vision tower / predictor: full
+    (3, 256, 2, 1, 64, False, [256, 1, 129], jnp.float32, 2e-6),  # compacted rows, MQA
+    (2, 200, 4, 2, 32, True, [200, 77], jnp.bfloat16, 3e-2),
+])
+def test_splash_equals_the_einsum_path(b, t, n, k, d, causal, lengths, dtype, tol):
+    q, kk, v = _qkv(b, t, t, n, k, d, dtype)
+    lens = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    want = A.attention(q, kk, v, causal=causal, kv_lengths_B=lens, implementation="xla")
+    got = jax.jit(lambda q, kk, v: A.attention(q, kk, v, causal=causal, kv_lengths_B=lens,
+                                               implementation="splash"))(q, kk, v)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # every row, padding rows included: they see the same keys as on the einsum path
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=tol, rtol=tol)
+
+
+def _count_splash(monkeypatch):
+    calls = []
+    real = A._splash_local
+    monkeypatch.setattr(A, "_splash_local", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def test_auto_picks_splash_only_on_tpu_inside_a_prompt_pass(monkeypatch):
+    q, k, v = _qkv(1, 128, 128, 2, 2, 32, jnp.float32)
+    calls = _count_splash(monkeypatch)
+    f = lambda: A.attention(q, k, v, causal=True)
+    want = A.attention(q, k, v, causal=True, implementation="xla")
+    f()  # CPU, outside a prompt pass: XLA
+    with A.prompt_attention("auto"):
+        f()  # CPU: XLA
+    assert calls == []
+    monkeypatch.setattr(A, "_on_tpu", lambda: True)
+    A._splash_compiles.cache_clear()
+    f()  # "TPU", outside a prompt pass (training, scoring): XLA
+    assert calls == []
+    with A.prompt_attention("auto"):
+        got = f()  # "TPU", prompt pass, the kernel compiles: splash
+        A.attention(q[:, :1], k, v, kv_layout="bskd")  # one query (a decoding step): XLA
+    assert len(calls) >= 1
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    n = len(calls)
+    with A.prompt_attention("xla"):
+        f()  # forced off
+    assert len(calls) == n
+
+
+def test_a_shape_splash_cannot_compile_falls_back_to_xla(monkeypatch, caplog):
+    q, k, v = _qkv(1, 136, 136, 2, 2, 32, jnp.float32)
+    monkeypatch.setattr(A, "_on_tpu", lambda: True)
+
+    def refuse(*a, **kw):
+        raise NotImplementedError("block layout not supported")
+
+    monkeypatch.setattr(A, "_splash_kernel", refuse)
+    A._splash_compiles.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=A.__name__), A.prompt_attention("auto"):
+        got = A.attention(q, k, v, causal=True)
+    A._splash_compiles.cache_clear()
+    np.testing.assert_allclose(got, A.attention(q, k, v, causal=True, implementation="xla"))
+    assert "splash attention does not compile" in caplog.text
+    assert "block layout not supported" in caplog.text
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        with A.prompt_attention("flash"):
+            pass
+
+
+def test_generate_refuses_an_unknown_attention():
+    from dynllava_jax.generate import GenOptions
+    from dynllava_jax.inference import DEFAULT_CHECKPOINT, Llava, Request
+    with pytest.raises(ValueError, match="attention must be one of auto, xla, cudnn, splash"):
+        Llava(DEFAULT_CHECKPOINT).answer([Request("Hi")], GenOptions(attention="flash"))
