@@ -255,7 +255,15 @@ class Torch:
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
-        self.model = LlavaForConditionalGeneration(hf).to(self.device, dt).eval()
+        # Built on the device in its dtype: a 7B model initialised on the host in float32
+        # would take 28 GB and minutes before it moved.
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dt)
+        try:
+            with torch.device(self.device):
+                self.model = LlavaForConditionalGeneration(hf).to(self.device, dt).eval()
+        finally:
+            torch.set_default_dtype(prev)
         ids = [sum(([image_token] * cfg.num_image_tokens if t == IMAGE_MARKER else [t] for t in p), [])
                for p in prompts]
         self.ids = torch.tensor(ids, device=self.device)

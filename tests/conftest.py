@@ -18,8 +18,10 @@ if str(_REPO) not in sys.path:
 # user's ~/.cache): repeated CLI runs of the same shapes then load instead of compiling.
 os.environ.setdefault("DYNLLAVA_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="dynllava-jax-cc-"))
 
-# The shared fixtures live beside the repository: /work/shared when the repo is /work/main.
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-tiny-public"
+# The shared fixtures live beside the repository: /work/shared when the repo is /work/main
+# (DYNLLAVA_SHARED names another shared/ folder: scripts/gpu_check.sh carries a copy).
+FIXTURES = (Path(os.environ.get("DYNLLAVA_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+            / "fixtures" / "official-tiny-public")
 
 
 @pytest.fixture(scope="session")
