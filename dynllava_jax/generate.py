@@ -260,14 +260,14 @@ def decode_loop(params, first_logits, state: DecodeState, keys, temperature, top
 
 def no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, stats, temperature,
                     top_p, start, stop, *, cfg: ModelConfig, opts: GenOptions, full_len: int,
-                    compact_len: int):
+                    compact_len: int, mesh=None):
     """Steps [start, stop) of no-cache decoding on static lengths (full_len, compact_len).
 
     `stats` carries, per sequence: `kept` (tokens kept at its last step, which bounds the
     compacted length the next chunk needs: earlier decisions never change), `in_cache`
     (generated tokens fed back and kept, frozen once the sequence ended) and `image_keep`."""
     TRACES["no_cache"] += 1
-    with prompt_attention(opts.attention):
+    with prompt_attention(opts.attention, mesh):
         return _no_cache_chunk(params, seq, lengths, image_start, feats, out, done, keys, stats,
                                temperature, top_p, start, stop, cfg=cfg, opts=opts,
                                full_len=full_len, compact_len=compact_len)
@@ -369,13 +369,13 @@ class DecodeJit:
 
 jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len", "mesh"))
 jit_decode = DecodeJit(decode_loop, static_argnames=("cfg", "opts", "mesh"), donate_argnames=("state",))
-jit_no_cache = jax.jit(no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len"))
-def _features(params, pixels, cfg, attention):
-    with prompt_attention(attention):
+jit_no_cache = jax.jit(no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len", "mesh"))
+def _features(params, pixels, cfg, attention, mesh):
+    with prompt_attention(attention, mesh):
         return image_features(params, cfg, pixels)
 
 
-_jit_features = jax.jit(_features, static_argnames=("cfg", "attention"))
+_jit_features = jax.jit(_features, static_argnames=("cfg", "attention", "mesh"))
 
 
 def inference_params(params):
@@ -500,7 +500,8 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
     else:
         out, image_keep, in_cache = _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths,
                                                         image_start, pixels, keys, temperature,
-                                                        top_p, place, local, batch.tokens.shape[0])
+                                                        top_p, place, local, batch.tokens.shape[0],
+                                                        mesh)
         evicted = np.zeros((batch.tokens.shape[0],), bool)
     out = local(out)
     new_ids = []
@@ -515,11 +516,11 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
 
 
 def _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths, image_start, pixels, keys,
-                       temperature, top_p, place, local, b_local):
+                       temperature, top_p, place, local, b_local, mesh=None):
     """`place` puts this process's rows (`b_local` of them) of a new batch array on the
     devices, `local` reads them back (see `generate`)."""
     n = opts.max_new_tokens
-    feats = _jit_features(params, pixels, cfg=cfg, attention=opts.attention) if pixels is not None else None
+    feats = _jit_features(params, pixels, cfg=cfg, attention=opts.attention, mesh=mesh) if pixels is not None else None
     seq = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=cfg.pad_token_id)
     out = place(np.full((b_local, n), cfg.pad_token_id, np.int32))
     done = place(np.zeros((b_local,), bool))
@@ -537,11 +538,11 @@ def _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths, image_start,
         # chunks share compiles).
         need = kept_max + (stop - start) if start else clen + stop
         compact = min(clen + stop, round_up(need, bucket))
-        _bound_no_cache_programs((cfg, opts, seq.shape[0], t, stop, compact, feats is None))
+        _bound_no_cache_programs((cfg, opts, seq.shape[0], t, stop, compact, feats is None, mesh))
         seq, out, done, stats = jit_no_cache(
             params, seq, lengths, image_start, feats, out, done, keys, stats, temperature, top_p,
             np.int32(start), np.int32(stop), cfg=cfg, opts=opts, full_len=t + stop,
-            compact_len=compact)
+            compact_len=compact, mesh=mesh)
         if bool(jnp.all(done)):
             break
         kept_max = int(jnp.max(stats["kept"]))

@@ -126,7 +126,8 @@ SCRIPT = textwrap.dedent(r"""
                                      for x in jax.tree_util.tree_leaves(p))
         out[name] = answers(m, MESH_CONFIGS[name])
         if name == "4x2":
-            out["4x2_splash"] = answers(m, [("dynamic", True), ("dense", True)], "splash")
+            out["4x2_splash"] = answers(m, [("dynamic", True), ("dense", True), ("dynamic", False)],
+                                        "splash")
     out["splash_local"] = sorted(seen.pop("splash_local"))
     out["inputs"] = sorted(seen.pop("inputs"))
     out["all_gathers"] = seen.pop("all_gathers")
@@ -161,11 +162,11 @@ def test_sharded_answers_equal_one_device(result, mesh):
 
 
 def test_splash_attention_sharded_equals_one_device(result):
-    """Prompt passes through splash attention on the 4x2 mesh: each device runs the kernel on
-    its own rows (batch 4 over data=4: 1) and heads over tensor=2 (the tiny LLM's 6 query / 2
-    kv heads: 3 / 1; the CLIP tower's and the image predictor's 4: 2), the lengths padded to
-    whole 128-token blocks; the answers are the one-device ones."""
-    assert set(result["4x2_splash"]) == {"dynamic-True", "dense-True"}
+    """Prompt passes (KV cache and no cache) through splash attention on the 4x2 mesh: each
+    device runs the kernel on its own rows (batch 4 over data=4: 1) and heads over tensor=2
+    (the tiny LLM's 6 query / 2 kv heads: 3 / 1; the CLIP tower's and the image predictor's
+    4: 2), the lengths padded to whole 128-token blocks; the answers are the one-device ones."""
+    assert set(result["4x2_splash"]) == {"dynamic-True", "dense-True", "dynamic-False"}
     for config, answers in result["4x2_splash"].items():
         assert answers == result["one_device"][config], config
     # (q [rows, heads, T, D], k [rows, kv heads, S, D]) per device
