@@ -71,6 +71,27 @@ def test_auto_picks_splash_only_on_tpu_inside_a_prompt_pass(monkeypatch):
     assert len(calls) == n
 
 
+def test_auto_on_a_tpu_takes_splash_in_generation_with_the_same_tokens(monkeypatch):
+    """The whole path as on a TPU (`_on_tpu` pretends; the kernel then runs interpreted):
+    prefill's trace enters `prompt_attention`, each new shape is compiled once by the probe
+    inside that trace, and the answers are those of the einsum path."""
+    from dynllava_jax.generate import GenOptions
+    from dynllava_jax.inference import DEFAULT_CHECKPOINT, Llava, Request
+    model = Llava(DEFAULT_CHECKPOINT)
+    reqs = [Request("What is in the image?", "assets/images/portrait.png"), Request("Hi there")]
+    # a max_new_tokens of its own: programs traced by other tests are not reused
+    want = model.answer(reqs, GenOptions(max_new_tokens=5, attention="xla"))
+    calls = _count_splash(monkeypatch)
+    monkeypatch.setattr(A, "_on_tpu", lambda: True)
+    A._splash_compiles.cache_clear()
+    got = model.answer(reqs, GenOptions(max_new_tokens=5, attention="auto"))
+    A._splash_compiles.cache_clear()
+    assert [a["token_ids"] for a in got] == [a["token_ids"] for a in want]
+    assert [a["kept_image_indices"] for a in got] == [a["kept_image_indices"] for a in want]
+    # tower, predictor, LLM below and above the sparse layer: each probed, then run
+    assert len(calls) >= 8, len(calls)
+
+
 def test_a_shape_splash_cannot_compile_falls_back_to_xla(monkeypatch, caplog):
     q, k, v = _qkv(1, 136, 136, 2, 2, 32, jnp.float32)
     monkeypatch.setattr(A, "_on_tpu", lambda: True)
