@@ -53,7 +53,7 @@ def get_config():
     # Multiple choice: where the LLM predicts an option letter, head 1 of layer 2 is taught
     # to attend to the right option's text (choice), head 0 of layer 0 at every option's text
     # to its letter (letter), and head 1's own output to predict the letter (copy): without
-    # them the model answers multiple choice at chance (README, *The SynthVQA model*).
+    # them the model answers multiple choice at chance (docs/synthvqa_history.md).
     c.data.choice_targets = True
     c.objective.choice_loss_weight = 0.25
     c.objective.letter_loss_weight = 0.25

@@ -4,7 +4,7 @@ on stage 1's vision tower, to learn to find a named object among the 144 image t
     python train.py --config configs/synthvqa_lookup.py --workdir runs/synthvqa_lookup
 
 Stage 1's LLM answers what needs no lookup (count, the word) but not "What shape is the red
-object?" (README, *The SynthVQA model*). Here the LLM is drawn anew at LLaMA's init scale
+object?" (docs/synthvqa_history.md). Here the LLM is drawn anew at LLaMA's init scale
 (N(0, 0.02)); the tower trains on with every token scored against its cell's words
 (`cell_per_token`); the records are `train_lookup.json` (a short-question record for every
 image); the CE is a mean over samples of their token means, so that the description records'

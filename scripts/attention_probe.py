@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Where a SynthVQA checkpoint looks when it answers: the attention objective's read-out
-(README, *The SynthVQA model*).
+(docs/synthvqa_history.md).
 
     python scripts/attention_probe.py runs/synthvqa_dense/export [--scenes 64 --seed 777]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """How well a SynthVQA checkpoint's image tokens name what each grid cell holds: the cell
-objective's read-out (README, *The SynthVQA model*).
+objective's read-out (docs/synthvqa_history.md).
 
     python scripts/cell_readout.py runs/synthvqa_dense/export [--scenes 200 --seed 123]
 

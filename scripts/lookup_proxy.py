@@ -11,7 +11,7 @@ red object? ASSISTANT:``; the loss is on the one answer token; one question a se
 by an earlier answer, so the first questions' accuracy is printed too.)
 Prints the training accuracy over the last 100 steps (chance: about 1 in 2-3 present
 words, 0.35-0.55). Answering "some shape that is in the image" needs no lookup; above ~0.6
-the model finds the named cell. (README, *The SynthVQA model*.)
+the model finds the named cell. (docs/synthvqa_history.md.)
 
     python scripts/lookup_proxy.py --embed-std 0.02      # LLaMA's init: learnt by ~step 900
     python scripts/lookup_proxy.py --embed-std 0.088     # flax's default scale: not by 1,500

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Can the SynthVQA vision tower learn to tell shapes apart from random weights, when it is
-supervised directly? A diagnostic for the recipe (README, *The SynthVQA model*).
+supervised directly? A diagnostic for the recipe (docs/synthvqa_history.md).
 
     python scripts/shape_probe.py --radius 11 16      # the shapes' radius range, px
     python scripts/shape_probe.py --radius 17 23
