@@ -159,6 +159,11 @@ def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
+def _interpret() -> bool:
+    """Off TPU the kernel runs in Pallas's interpreter (tests; the same semantics)."""
+    return jax.default_backend() != "tpu"
+
+
 def _splash_block(n: int) -> int:
     return next(b for b in (512, 256, 128) if n % b == 0)
 
@@ -214,8 +219,7 @@ def _splash_attention(q_BTND, k_BSKD, v_BSKD, causal, kv_lengths_B, mesh):
             for x in (k_BSKD, v_BSKD))
     q_seg = jnp.zeros((b, tp), jnp.int32)
     kv_seg = (jnp.arange(sp, dtype=jnp.int32)[None] >= lens[:, None]).astype(jnp.int32)
-    # Off TPU the kernel runs in Pallas's interpreter (tests; the same semantics).
-    run = functools.partial(_splash_local, causal=causal, interpret=jax.default_backend() != "tpu")
+    run = functools.partial(_splash_local, causal=causal, interpret=_interpret())
     if mesh is not None:
         x_spec, seg_spec = _splash_specs(mesh, b, n, kh)
         run = jax.shard_map(run, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, seg_spec, seg_spec),

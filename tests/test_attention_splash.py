@@ -1,9 +1,10 @@
 """TPU splash attention behind `attention.attention` (run here by Pallas's interpreter):
 the same values as the einsum path for every visibility generation asks for (causal with
 per-row lengths, full, grouped heads, lengths that are not whole blocks), chosen by "auto"
-only on TPU inside a prompt pass and only where the kernel compiles, and the official
-fixture's tokens through `infer.py --attention splash` (tests/test_official_fixture.py)
-and on a device mesh (tests/test_infer_sharded.py)."""
+only on TPU inside a prompt pass and only where the kernel compiles, lowered for TPU
+(`jax.export`, no TPU needed) as Mosaic kernels for 7B's prefill and on a mesh, and the
+official fixture's tokens through `infer.py --attention splash`
+(tests/test_official_fixture.py) and on a device mesh (tests/test_infer_sharded.py)."""
 
 import logging
 
@@ -90,6 +91,53 @@ def test_auto_on_a_tpu_takes_splash_in_generation_with_the_same_tokens(monkeypat
     assert [a["kept_image_indices"] for a in got] == [a["kept_image_indices"] for a in want]
     # tower, predictor, LLM below and above the sparse layer: each probed, then run
     assert len(calls) >= 8, len(calls)
+
+
+@pytest.mark.parametrize("mode,kernels", [("dense", 2), ("dynamic", 4)])
+def test_7b_prefill_lowers_for_tpu_with_splash_kernels(monkeypatch, mode, kernels):
+    """No TPU here, but `jax.export` lowers for one: LLaVA-1.5-7B's whole prefill in bf16
+    (abstract weights), on a pretend TPU, lowers with the splash kernels as Mosaic TPU custom
+    calls: the CLIP tower (head dim 64, 577 -> 640 tokens), the image predictor, and the LLM's
+    32 layers on the prompt (and, dynamic, on its compacted length)."""
+    import dataclasses
+    from jax import export
+    from dynllava_jax import generate as G, model as M
+    from dynllava_jax.config import preset
+    monkeypatch.setattr(A, "_on_tpu", lambda: True)
+    monkeypatch.setattr(A, "_interpret", lambda: False)
+    monkeypatch.setattr(A, "_splash_fits", lambda *a: True)  # its compile probe needs a TPU
+    calls = _count_splash(monkeypatch)
+    cfg = dataclasses.replace(preset("llava-v1.5-7b"), dtype="bfloat16", param_dtype="bfloat16")
+    params = jax.eval_shape(lambda: G.inference_params(
+        M.init_params(cfg, jax.random.PRNGKey(0), with_predictors=True)))
+    b, t, px = 2, 640, cfg.vision.image_size
+    sd = jax.ShapeDtypeStruct
+    opts = G.GenOptions(mode=mode)
+    exp = export.export(G.jit_prefill, platforms=["tpu"])(
+        params, sd((b, t), jnp.int32), sd((b,), jnp.int32), sd((b,), jnp.int32),
+        sd((b, 3, px, px), jnp.float32), cfg=cfg, opts=opts,
+        compact_len=G._compacted_length(t, True, cfg, opts))
+    text = exp.mlir_module()
+    assert text.count("tpu_custom_call") == kernels  # one per distinct shape (a called function)
+    # the tower is one scanned layer; the LLM's 32 layers each call it
+    assert len(calls) == 1 + 32 + (cfg.sparse.num_layers if mode == "dynamic" else 0)
+
+
+def test_splash_lowers_for_a_tpu_mesh_in_shard_map(monkeypatch):
+    """On an (abstract) TPU mesh data=2 x tensor=4, 7B-shaped prompt attention lowers to the
+    Mosaic kernel inside shard_map, each device holding its 4 rows and 8 of the 32 heads."""
+    import re
+    from jax import export
+    from jax.sharding import AbstractMesh
+    monkeypatch.setattr(A, "_interpret", lambda: False)
+    mesh = AbstractMesh((2, 1, 4), ("data", "fsdp", "tensor"))
+    sd = jax.ShapeDtypeStruct
+    x = sd((8, 640, 32, 128), jnp.bfloat16)
+    text = export.export(jax.jit(lambda q, k, v, L: A._splash_attention(q, k, v, True, L, mesh)),
+                         platforms=["tpu"])(x, x, x, sd((8,), jnp.int32)).mlir_module()
+    assert text.count("tpu_custom_call") == 1
+    shapes = set(re.findall(r"tensor<(\d+x\d+)x640x128xbf16>", text))
+    assert shapes == {"4x8", "8x32"}, shapes  # per device [rows, heads]; the global [B, N]
 
 
 def test_a_shape_splash_cannot_compile_falls_back_to_xla(monkeypatch, caplog):
