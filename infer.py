@@ -176,6 +176,11 @@ def main(argv=None) -> int:
                       vision_keep_rate=a.vision_keep_rate,
                       text_kv_budget=1.0 if a.text_kv_budget is None else a.text_kv_budget,
                       greedy=a.temperature == 0.0, attention=a.attention)
+    from dynllava_jax.attention import check_available
+    try:
+        check_available(a.attention)
+    except ValueError as e:
+        fail(f"--attention {a.attention}: {e}")
     if mode == "dense" and (a.vision_keep_rate is not None or a.text_kv_budget is not None):
         fail(f"--vision-keep-rate and --text-kv-budget apply to --mode dynamic; {ckpt} runs dense")
     run = lambda reqs, ids=None: model.answer(reqs, opts, temperature=a.temperature, top_p=a.top_p,

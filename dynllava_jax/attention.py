@@ -43,6 +43,24 @@ class _PromptSetting:
 _PROMPT = contextvars.ContextVar("dynllava_prompt_attention", default=None)
 
 
+_warned_interpreter = [False]
+
+
+def check_available(implementation: str) -> None:
+    """A ValueError, before any work, where `implementation` cannot run on this backend
+    (cuDNN needs an NVIDIA GPU); a warning, once, where "splash" will run interpreted."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"choose from {', '.join(IMPLEMENTATIONS)}")
+    backend = jax.default_backend()
+    if implementation == "cudnn" and backend != "gpu":
+        raise ValueError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {backend}")
+    if implementation == "splash" and _interpret() and not _warned_interpreter[0]:
+        _warned_interpreter[0] = True
+        logger.warning("attention 'splash' is a TPU kernel; on %s it runs in Pallas's "
+                       "interpreter (the same values, much slower)", backend)
+
+
 @contextlib.contextmanager
 def prompt_attention(implementation: str = "auto", mesh=None):
     """While tracing inside this block, attention without a training policy and with more

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 
 from . import kv_cache
 from . import sharding as S
-from .attention import IMPLEMENTATIONS, prompt_attention
+from .attention import check_available as check_attention, prompt_attention
 from .config import ModelConfig
 from .inputs import Batch, round_up
 from .llama import run_stack, split_layers
@@ -454,8 +454,7 @@ def generate(params, cfg: ModelConfig, batch: Batch, pixels: Optional[np.ndarray
     batch's."""
     if opts.mode not in ("dense", "dynamic"):
         raise ValueError(f"mode must be 'dense' or 'dynamic', not {opts.mode!r}")
-    if opts.attention not in IMPLEMENTATIONS:
-        raise ValueError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, not {opts.attention!r}")
+    check_attention(opts.attention)
     if opts.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     params = inference_params(params)

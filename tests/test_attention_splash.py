@@ -163,8 +163,12 @@ def test_unknown_implementation_is_refused():
             pass
 
 
-def test_generate_refuses_an_unknown_attention():
+def test_generate_refuses_an_attention_it_cannot_run():
     from dynllava_jax.generate import GenOptions
     from dynllava_jax.inference import DEFAULT_CHECKPOINT, Llava, Request
-    with pytest.raises(ValueError, match="attention must be one of auto, xla, cudnn, splash"):
-        Llava(DEFAULT_CHECKPOINT).answer([Request("Hi")], GenOptions(attention="flash"))
+    model = Llava(DEFAULT_CHECKPOINT)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        model.answer([Request("Hi")], GenOptions(attention="flash"))
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="attention 'cudnn' needs an NVIDIA GPU; this backend is"):
+            model.answer([Request("Hi")], GenOptions(attention="cudnn"))

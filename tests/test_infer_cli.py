@@ -76,6 +76,17 @@ def test_bad_input_is_one_line_exit_2(args, msg):
     assert len(errors) == 1 and msg in errors[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+def test_attention_the_backend_cannot_run_is_one_line_exit_2():
+    import jax
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN runs here")
+    r = infer("--prompt", "x", "--attention", "cudnn")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and errors == [
+        f"error: --attention cudnn: attention 'cudnn' needs an NVIDIA GPU; this backend is "
+        f"{jax.default_backend()}"], r.stderr[-2000:]
+
+
 def test_top_p_small_is_greedy_and_temperature_spreads():
     logits = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
     greedy = sample(logits, None, True, 1.0, 1.0)
