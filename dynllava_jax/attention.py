@@ -41,17 +41,19 @@ class _PromptSetting:
 
 
 _PROMPT = contextvars.ContextVar("dynllava_prompt_attention", default=None)
-
-
 _warned_interpreter = [False]
+
+
+def _check_name(implementation: str) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"choose from {', '.join(IMPLEMENTATIONS)}")
 
 
 def check_available(implementation: str) -> None:
     """A ValueError, before any work, where `implementation` cannot run on this backend
     (cuDNN needs an NVIDIA GPU); a warning, once, where "splash" will run interpreted."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"choose from {', '.join(IMPLEMENTATIONS)}")
+    _check_name(implementation)
     backend = jax.default_backend()
     if implementation == "cudnn" and backend != "gpu":
         raise ValueError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {backend}")
@@ -71,9 +73,7 @@ def prompt_attention(implementation: str = "auto", mesh=None):
     `mesh`: the mesh the prompt pass is sharded over (splash then runs per device in
     `shard_map`). Generation enters it from `GenOptions.attention`, a static option, so
     that each choice is its own compiled program."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"choose from {', '.join(IMPLEMENTATIONS)}")
+    _check_name(implementation)
     token = _PROMPT.set(_PromptSetting(implementation, mesh))
     try:
         yield
