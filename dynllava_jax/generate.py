@@ -370,6 +370,8 @@ class DecodeJit:
 jit_prefill = jax.jit(prefill, static_argnames=("cfg", "opts", "compact_len", "mesh"))
 jit_decode = DecodeJit(decode_loop, static_argnames=("cfg", "opts", "mesh"), donate_argnames=("state",))
 jit_no_cache = jax.jit(no_cache_chunk, static_argnames=("cfg", "opts", "full_len", "compact_len", "mesh"))
+
+
 def _features(params, pixels, cfg, attention, mesh):
     with prompt_attention(attention, mesh):
         return image_features(params, cfg, pixels)
@@ -519,7 +521,8 @@ def _generate_no_cache(params, cfg, opts, t, clen, tokens, lengths, image_start,
     """`place` puts this process's rows (`b_local` of them) of a new batch array on the
     devices, `local` reads them back (see `generate`)."""
     n = opts.max_new_tokens
-    feats = _jit_features(params, pixels, cfg=cfg, attention=opts.attention, mesh=mesh) if pixels is not None else None
+    feats = (None if pixels is None else
+             _jit_features(params, pixels, cfg=cfg, attention=opts.attention, mesh=mesh))
     seq = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=cfg.pad_token_id)
     out = place(np.full((b_local, n), cfg.pad_token_id, np.int32))
     done = place(np.zeros((b_local,), bool))
