@@ -44,12 +44,16 @@ def get_config():
     # The cell objective: a direct path from what each of the 3 x 3 grid cells holds
     # (the records' cell_text) to the tower, which the answers alone reach too weakly.
     c.data.cell_grid = 3
+    c.data.cell_tokens = 5       # "top left small red circle": place, then content
     c.objective.cell_loss_weight = 1.0
     # The attention objective: where the LLM predicts an answer whose question names one
     # object, head 0 of layer 1 is taught to attend to that object's cell (the records'
     # turn_cells), so that it learns to find "the red object" among the 144 image tokens.
     c.data.attention_turns = 8   # records hold up to 7 answers
     c.objective.attention_loss_weight = 1.0
+    # Position questions: heads 0 and 1 of that layer on the two objects they name.
+    c.data.attention_pairs = True
+    c.objective.pair_loss_weight = 0.25
     # Multiple choice: where the LLM predicts an option letter, head 1 of layer 2 is taught
     # to attend to the right option's text (choice), head 0 of layer 0 at every option's text
     # to its letter (letter), and head 1's own output to predict the letter (copy): without

@@ -22,6 +22,8 @@ def get_config():
     c.objective.ce_loss_weight = 0.0
     c.objective.attention_loss_weight = 0.0   # the terms that read the LLM are off
     c.data.attention_turns = 0
+    c.data.attention_pairs = False
+    c.objective.pair_loss_weight = 0.0
     c.data.choice_targets = False
     c.objective.choice_loss_weight = 0.0
     c.objective.letter_loss_weight = 0.0

@@ -266,9 +266,11 @@ def test_cell_labels_reach_the_batch(data):
     scene = S.make_scene(S.scene_rng(3, "train", 0))
     assert rec["cell_text"] == S.cell_text(scene)
     for o in scene.objects:
-        assert rec["cell_text"][o.row * S.GRID + o.col].endswith(o.name)
-    ex = encode_record(to_raw_record(rec, 0), cell_grid=S.GRID, cell_tokens=3, **kw)
-    assert ex["cell_targets"].shape == (S.GRID * S.GRID, 3)
+        text = rec["cell_text"][o.row * S.GRID + o.col]
+        assert text.endswith(o.name)
+        assert text.startswith(f"{S.ROW_WORDS[o.row]} {S.COL_WORDS[o.col]} ")
+    ex = encode_record(to_raw_record(rec, 0), cell_grid=S.GRID, cell_tokens=5, **kw)
+    assert ex["cell_targets"].shape == (S.GRID * S.GRID, 5)
     for row, text in zip(ex["cell_targets"], rec["cell_text"]):
         ids = tok.encode(text)
         assert list(row[:len(ids)]) == ids and (row[len(ids):] == -1).all()
@@ -301,7 +303,8 @@ def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
     from dynllava_jax import trainer as T
     c = _small_run_config(data, small_ckpt, **{
         "objective.cell_loss_weight": 0.5, "objective.attention_loss_weight": 0.0,
-        "data.attention_turns": 0})
+        "data.attention_turns": 0, "data.attention_pairs": False,
+        "objective.pair_loss_weight": 0.0})
     tr = T.Trainer(c, tmp_path / "run", progress=False)
     tr.run()
     tr.close()
@@ -310,7 +313,8 @@ def test_train_with_the_cell_objective(tmp_path, data, small_ckpt):
         assert row["loss"] == pytest.approx(row["ce"] + 0.5 * row["cell_loss"], rel=1e-5)
     with pytest.raises(ValueError, match="cell_grid"):
         T.Trainer(_small_run_config(data, small_ckpt, "objective.cell_loss_weight=0.5",
-                                    "data.attention_turns=0", "data.cell_grid=0"),
+                                    "data.attention_turns=0", "data.attention_pairs=False",
+                                    "objective.pair_loss_weight=0.0", "data.cell_grid=0"),
                   tmp_path / "bad", progress=False)
 
 

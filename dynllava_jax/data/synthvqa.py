@@ -360,15 +360,22 @@ def _record(qas: list[QA], rid: str, image: str, scene: Scene) -> dict:
             "turn_cells": [qa.cell for qa in qas], "turn_pairs": [list(qa.pair) for qa in qas]}
 
 
+ROW_WORDS = ("top", "middle", "bottom")
+COL_WORDS = ("left", "centre", "right")
+
+
 def cell_text(scene: Scene) -> list[str]:
-    """What each grid cell holds, row by row (`small red circle`, `cat`, `empty`): the
-    labels of the optional cell objective (`objective.cell_loss_weight`, data.cell_grid)."""
+    """Each grid cell's place and content, row by row (`top left small red circle`, `middle
+    right cat`, `bottom centre empty`): the labels of the optional cell objective
+    (`objective.cell_loss_weight`, data.cell_grid; 5 tokens: data.cell_tokens = 5). Naming
+    the place teaches each cell's image tokens where they are, which the lookup of a named
+    object and the comparison of two objects read (docs/synthvqa_history.md)."""
     cells = ["empty"] * (GRID * GRID)
     for o in scene.objects:
         cells[o.row * GRID + o.col] = f"{size_word(o)} {o.name}"
     if scene.word:
         cells[scene.word_row * GRID + scene.word_col] = scene.word
-    return cells
+    return [f"{ROW_WORDS[i // GRID]} {COL_WORDS[i % GRID]} {t}" for i, t in enumerate(cells)]
 
 
 def eval_questions(scene: Scene, rng: np.random.Generator, index: int, per_image: int,
