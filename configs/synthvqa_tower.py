@@ -7,7 +7,7 @@ LLaVA starts from a pretrained CLIP tower; ours is trained from random weights, 
 the answers alone it learns the shapes late (the README's SynthVQA section). This stage
 teaches it what each grid cell holds before the LLM trains on it: `objective.ce_loss_weight
 = 0` runs no LLM, only the tower, the projector and the cell objective (each cell's mean
-image token scored against the input embeddings of the words naming its content).
+image token scored against the input embeddings of the words naming its place and content).
 Stage 1 (configs/synthvqa_dense.py) starts from WORKDIR/export.
 """
 
