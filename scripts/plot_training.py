@@ -23,7 +23,7 @@ def plot(workdirs, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from dynllava_jax.trainer import read_metrics
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 2, figsize=(12, 5.5))
     offset = 0
     for wd in workdirs:
         rows = read_metrics(wd)
@@ -61,15 +61,14 @@ def plot(workdirs, out: Path) -> Path:
     ax[0].set_yscale("log")
     ax[0].set_xlabel("step")
     ax[0].set_title("loss, cross-entropy, cell, attention and choice losses")
-    ax[0].legend(fontsize=8)
     ax[1].set_xlabel("step")
     ax[1].set_ylim(0, 1)
     ax[1].set_title("kept fractions (targets 0.2 and 0.5), attention masses")
-    ax[1].legend(fontsize=8)
-    for a in ax:
+    for a, ncol in zip(ax, (2, 1)):   # below the axes: a dozen series would cover the curves
         a.grid(alpha=0.3)
+        a.legend(fontsize=7, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
