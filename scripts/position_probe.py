@@ -44,7 +44,7 @@ def hidden_states(checkpoint, scenes: int, seed: int):
     cfg, params = load_converted(checkpoint)
     tok, ip = LlavaTokenizer.from_dir(checkpoint), ImageProcessor.from_dir(checkpoint)
     tmp = tempfile.mkdtemp()
-    exs, lab = [], {"col_a": [], "col_b": [], "answer": [], "cell_a": []}
+    exs, pairs, answers = [], [], []
     i = 0
     while len(exs) < scenes:
         rng = S.scene_rng(seed, "train", i)
@@ -54,18 +54,17 @@ def hidden_states(checkpoint, scenes: int, seed: int):
         if qa is None:
             continue
         S.draw_scene(scene, rng).save(os.path.join(tmp, f"x{i}.png"))
-        rec = {"id": f"x{i}", "image": f"x{i}.png", "conversations": [
-            {"from": "human", "value": f"<image>\n{qa.question}"},
-            {"from": "gpt", "value": qa.answer}]}
+        rec = S._record([qa], f"x{i}", f"x{i}.png", scene)
         exs.append(encode_record(to_raw_record(rec, i), tokenizer=tok, image_processor=ip,
                                  image_folder=tmp, num_image_tokens=cfg.num_image_tokens,
                                  seq_len=256, model_max_length=256))
-        lab["col_a"].append(qa.pair[0] % S.GRID)
-        lab["col_b"].append(qa.pair[1] % S.GRID)
-        lab["answer"].append(qa.answer)
-        lab["cell_a"].append(qa.pair[0])
+        pairs.append(qa.pair)
+        answers.append(qa.answer)
+    pairs = np.asarray(pairs)                                           # [n, 2] cells of a, b
+    lab = {"cell_a": pairs[:, 0], "col_a": pairs[:, 0] % S.GRID, "col_b": pairs[:, 1] % S.GRID,
+           "answer": np.asarray(answers)}
     cells = O.image_token_cells(cfg.num_image_tokens, S.GRID)          # [N] cell of each token
-    cell_a = np.asarray(lab["cell_a"])
+    cell_a = lab["cell_a"]
     states, own = [], []
     for s in range(0, len(exs), 64):
         b = {k: jnp.asarray(np.stack([e[k] for e in exs[s:s + 64]])) for k in exs[0]}
@@ -90,8 +89,7 @@ def hidden_states(checkpoint, scenes: int, seed: int):
             per_layer.append(read(x))
         states.append(np.stack([h for h, _ in per_layer]))
         own.append(np.stack([t for _, t in per_layer]))
-    return (np.concatenate(states, axis=1), np.concatenate(own, axis=1),
-            {k: np.asarray(v) for k, v in lab.items()})
+    return np.concatenate(states, axis=1), np.concatenate(own, axis=1), lab
 
 
 def probe_accuracy(x, y, train_frac: float = 0.75, l2: float = 1e-2) -> float:
